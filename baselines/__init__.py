@@ -1,0 +1,4 @@
+"""Baseline quantization methods (RTN, GPTQ, QuIP and the clipping ablations).
+
+Importing this package registers its methods in ``fqbench.methods``.
+"""

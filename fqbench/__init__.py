@@ -1,0 +1,3 @@
+"""fqbench: low-bit post-training quantization benchmarks for transformers."""
+
+__version__ = "0.1.0"
