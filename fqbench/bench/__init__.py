@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m fqbench.bench layers`` (layer-level methods)."""

@@ -1,0 +1,184 @@
+"""Uniform quantization grids, one affine quantizer for every method.
+
+Every grid is a per-row affine map: a weight ``w`` in row ``i`` gets the integer
+code ``q = clamp(round(w / scale_i) + zero_i, 0, 2^bits - 1)`` and the value
+``scale_i * (q - zero_i)``. The grid kinds differ only in how ``scale`` and
+``zero`` are fitted to a block of columns:
+
+- ``minmax``: GPTQ's asymmetric min-max grid; the range always contains 0, so
+  zero is representable; ``symmetric`` centres it on 0 and ``mse`` searches a
+  shrink of the range that minimises the |error|^2.4 (GPTQ's options);
+- ``sigma``: FrameQuant's grid, ``mean +- clip_sigma * std`` per row. With
+  ``zero_point="integer"`` the zero point is rounded to an integer as in the
+  reference implementation (at 2 bits this shifts the four levels off centre);
+  ``zero_point="float"`` keeps the grid centred on the row mean;
+- ``quip``: QuIP's grid: ``2^bits`` evenly spaced levels on ``[-s, s]`` with
+  ``s = 2.4 * RMS`` over the whole block (one scale shared by all rows).
+
+Scales (and float zero points) are rounded to float16 when fitted: that is what
+a packed model stores, so the fake-quantized and the packed model agree
+exactly and the bit accounting is honest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRID_KINDS = ("minmax", "sigma", "quip")
+ZERO_POINTS = ("integer", "float")
+
+SCALE_BITS = 16  # float16 scales, as stored by the packed format
+FLOAT16_MIN_NORMAL = 2.0**-14
+FLOAT16_MAX = 65504.0
+
+
+def check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits!r} is not supported: use an integer from 1 to 8")
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """How to fit a grid; ``fit`` turns it into an ``AffineGrid`` for given weights."""
+
+    bits: int
+    kind: str = "minmax"
+    symmetric: bool = False
+    mse: bool = False
+    clip_sigma: float = 2.0
+    zero_point: str = "integer"
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.kind not in GRID_KINDS:
+            raise ValueError(f"unknown grid kind {self.kind!r}; choose one of {GRID_KINDS}")
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(f"unknown zero_point {self.zero_point!r}; choose one of {ZERO_POINTS}")
+        if not (self.clip_sigma > 0 and self.clip_sigma < float("inf")):
+            raise ValueError(f"clip_sigma={self.clip_sigma!r} must be a positive finite number of standard deviations")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def integer_zero(self) -> bool:
+        """Whether zero points are integers (stored at ``bits`` bits) rather than float16."""
+        if self.kind == "minmax":
+            return not self.symmetric
+        if self.kind == "sigma":
+            return self.zero_point == "integer"
+        return False
+
+    @property
+    def shared_scale(self) -> bool:
+        """QuIP's grid has one scale (and a fixed zero) for the whole matrix."""
+        return self.kind == "quip"
+
+    def fit(self, w: torch.Tensor) -> "AffineGrid":
+        """Fit per-row scale and zero to ``w`` (rows, cols)."""
+        w = w.float()
+        if self.kind == "minmax":
+            scale, zero = _fit_minmax(w, self.maxq, self.symmetric, self.mse)
+        elif self.kind == "sigma":
+            scale, zero = _fit_sigma(w, self.maxq, self.clip_sigma, self.zero_point == "integer")
+        else:
+            scale, zero = _fit_quip(w, self.maxq)
+        return AffineGrid(scale, zero, self.maxq)
+
+
+@dataclass
+class AffineGrid:
+    scale: torch.Tensor  # (rows,) float32, exactly representable in float16
+    zero: torch.Tensor  # (rows,) float32
+    maxq: int
+
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as float) for ``w``: (rows,) or (rows, cols)."""
+        scale, zero = self._broadcast(w)
+        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        scale, zero = self._broadcast(q)
+        return scale * (q - zero)
+
+    def _broadcast(self, t: torch.Tensor):
+        if t.dim() == 1:
+            return self.scale, self.zero
+        return self.scale.unsqueeze(1), self.zero.unsqueeze(1)
+
+
+def clip_rows(w: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Clamp each row to ``mean +- sigma * std`` (FrameQuant's clip, paper section 3)."""
+    mean = w.mean(dim=1, keepdim=True)
+    std = w.std(dim=1, keepdim=True) if w.shape[1] > 1 else torch.zeros_like(mean)
+    return torch.clamp(w, mean - sigma * std, mean + sigma * std)
+
+
+def _to_float16_grid(scale: torch.Tensor, zero: torch.Tensor, integer_zero: bool):
+    scale = scale.clamp(FLOAT16_MIN_NORMAL, FLOAT16_MAX).half().float()
+    zero = zero.round() if integer_zero else zero.clamp(-FLOAT16_MAX, FLOAT16_MAX).half().float()
+    return scale, zero
+
+
+def _fit_minmax(w: torch.Tensor, maxq: int, symmetric: bool, mse: bool):
+    zeros = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zeros)
+    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale, zero = _minmax_params(xmin, xmax, maxq, symmetric)
+    if mse:
+        scale, zero = _shrink_search(w, xmin, xmax, maxq, symmetric, scale, zero)
+    return _to_float16_grid(scale, zero, integer_zero=not symmetric)
+
+
+def _minmax_params(xmin, xmax, maxq, symmetric):
+    scale = (xmax - xmin) / maxq
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _shrink_search(w, xmin, xmax, maxq, symmetric, scale, zero, steps=100, maxshrink=0.8, norm=2.4):
+    """GPTQ's optional grid search: shrink the range while the |error|^2.4 drops."""
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(maxshrink * steps)):
+        p = 1 - i / steps
+        cand_scale, cand_zero = _minmax_params(p * xmin, p * xmax, maxq, symmetric)
+        grid = AffineGrid(cand_scale, cand_zero, maxq)
+        err = (grid.decode(grid.encode(w)) - w).abs().pow(norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, cand_scale, scale)
+        zero = torch.where(better, cand_zero, zero)
+    return scale, zero
+
+
+def _fit_sigma(w: torch.Tensor, maxq: int, sigma: float, integer_zero: bool):
+    mean = w.mean(dim=1)
+    std = w.std(dim=1) if w.shape[1] > 1 else torch.zeros_like(mean)
+    scale = 2 * sigma * std / maxq
+    # Levels are mean + scale * (q - maxq/2): the grid spans mean +- sigma * std.
+    zero = maxq / 2 - mean / torch.where(scale > 0, scale, torch.ones_like(scale))
+    constant = ~(std > 0)
+    if constant.any():
+        # A constant row has no spread to fit: fall back to min-max, which represents it exactly.
+        mm_scale, mm_zero = _fit_minmax(w[constant], maxq, symmetric=False, mse=False)
+        scale[constant], zero[constant] = mm_scale, mm_zero
+    return _to_float16_grid(scale, zero, integer_zero)
+
+
+def _fit_quip(w: torch.Tensor, maxq: int):
+    s = 2.4 * w.square().mean().sqrt() + 1e-16
+    scale = torch.full((w.shape[0],), float(2 * s / maxq), device=w.device)
+    zero = torch.full_like(scale, maxq / 2)
+    return _to_float16_grid(scale, zero, integer_zero=False)
