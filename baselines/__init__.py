@@ -2,3 +2,5 @@
 
 Importing this package registers its methods in ``fqbench.methods``.
 """
+
+from baselines import gptq, quip, rtn  # noqa: F401

@@ -87,3 +87,15 @@ def test_bad_grid_options():
         GridSpec(2, "sigma", zero_point="half")
     with pytest.raises(ValueError, match="clip_sigma"):
         GridSpec(2, "sigma", clip_sigma=0)
+
+
+def test_codes_are_integers_for_float_zero_points():
+    w = torch.randn(16, 300)
+    for spec in (GridSpec(2, "sigma", zero_point="float"), GridSpec(3, "quip"), GridSpec(2, "sigma")):
+        grid = spec.fit(w)
+        q = grid.encode(w)
+        assert torch.equal(q, q.round()) and q.min() >= 0 and q.max() <= spec.maxq
+        # every value lands on its nearest level inside the range
+        levels = grid.decode(torch.arange(spec.maxq + 1.0).expand(16, -1))
+        nearest = (w.unsqueeze(2) - levels.unsqueeze(1)).abs().argmin(dim=2).float()
+        assert (nearest == q).float().mean() > 0.999

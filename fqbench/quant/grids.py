@@ -1,7 +1,7 @@
 """Uniform quantization grids, one affine quantizer for every method.
 
 Every grid is a per-row affine map: a weight ``w`` in row ``i`` gets the integer
-code ``q = clamp(round(w / scale_i) + zero_i, 0, 2^bits - 1)`` and the value
+code ``q = clamp(round(w / scale_i + zero_i), 0, 2^bits - 1)`` and the value
 ``scale_i * (q - zero_i)``. The grid kinds differ only in how ``scale`` and
 ``zero`` are fitted to a block of columns:
 
@@ -98,7 +98,8 @@ class AffineGrid:
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         """Integer codes (as float) for ``w``: (rows,) or (rows, cols)."""
         scale, zero = self._broadcast(w)
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        # Rounding after adding the zero point keeps codes integral for float zero points too.
+        return torch.clamp(torch.round(w / scale + zero), 0, self.maxq)
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
         scale, zero = self._broadcast(q)

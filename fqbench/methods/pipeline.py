@@ -1,0 +1,104 @@
+"""The shared layer-quantization pipeline behind GPTQ, QuIP and FrameQuant.
+
+    rescale (QuIP) -> normalise H -> transform (rotations / frames) -> clip -> GPTQ solver
+    -> optional Wiener gain -> quantized layer
+
+Each method is a choice of these steps; there is no second copy of any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fqbench.frames.operator import FrameOperator
+from fqbench.methods.layers import GridLayer, QuantizedLayer, TransformedLayer
+from fqbench.quant.grids import GridSpec, clip_rows
+from fqbench.quant.solver import SolverOptions, gptq_solve
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """Incoherence processing around the solver: operators for both sides and the QuIP steps."""
+
+    in_op: FrameOperator
+    out_op: FrameOperator
+    rescale: bool = False  # QuIP's diagonal rescaling (diag H / diag W^T W)^(1/4)
+    hessian_reg: float = 0.01  # H <- H * n / tr(H) + hessian_reg * I before transforming
+    denoise: bool = False  # fold a per-row Wiener gain into the scales
+    act_bits: int | None = None  # per-token quantization of transformed inputs at inference
+
+
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, solver: SolverOptions,
+                    clip_sigma: float | None = None, transforms: Transforms | None = None) -> QuantizedLayer:
+    W = W.to(torch.float64)
+    H = H.to(W.device, torch.float64)
+    if transforms is None:
+        result = gptq_solve(_clip(W, clip_sigma), H, grid, solver)
+        layer = _grid_layer(result, grid)
+        layer.info.update(damping=result.damping, hinv_dtype=str(result.hinv_dtype))
+        return layer
+
+    input_scale = None
+    if transforms.rescale:
+        W, H, input_scale = _rescale(W, H)
+    if transforms.hessian_reg is not None:
+        n = H.shape[0]
+        H = H * (n / torch.trace(H).clamp(min=1e-30))
+        H.diagonal().add_(transforms.hessian_reg)
+    in_op, out_op = transforms.in_op, transforms.out_op
+    D = out_op.analysis(in_op.analysis(W).T).T
+    H_frame = in_op.analysis(in_op.analysis(H).T)
+    result = gptq_solve(_clip(D, clip_sigma), H_frame, grid, solver)
+    inner = _grid_layer(result, grid)
+    if transforms.denoise:
+        _apply_wiener_gain(inner, D, in_dim=in_op.dim)
+    layer = TransformedLayer(inner, in_op, out_op, input_scale, transforms.act_bits)
+    layer.info.update(
+        damping=result.damping,
+        hinv_dtype=str(result.hinv_dtype),
+        in_transform=in_op.describe(),
+        out_transform=out_op.describe(),
+        effective_redundancy=layer.effective_redundancy,
+    )
+    return layer
+
+
+def _clip(W: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    return W if sigma is None else clip_rows(W, sigma)
+
+
+def _grid_layer(result, grid: GridSpec) -> GridLayer:
+    return GridLayer(result.codes, result.scale, result.zero, result.group_index,
+                     grid.bits, grid.integer_zero, grid.shared_scale)
+
+
+def _rescale(W: torch.Tensor, H: torch.Tensor):
+    """QuIP's rescaling ``W <- W diag(s)``, ``H <- diag(s)^-1 H diag(s)^-1``.
+
+    ``s = (diag H / diag W^T W)^(1/4)`` balances weight and activation magnitude per
+    input channel. The stored inverse ``1/s`` is rounded to float16 first and the
+    exact inverse of that rounded value is used here, so dequantization is exact.
+    """
+    diag_h = torch.diag(H).clamp(min=1e-8)
+    diag_w = W.square().sum(dim=0).clamp(min=1e-8)
+    s = (diag_h / diag_w).pow(0.25)
+    inv_s = (1 / s).half().double()
+    s = 1 / inv_s
+    return W * s, H / s[:, None] / s[None, :], inv_s.float()
+
+
+def _apply_wiener_gain(inner: GridLayer, D: torch.Tensor, in_dim: int) -> None:
+    """Scale each row of ``D_hat`` by the LMMSE gain ``sx^2 / (sx^2 + sn^2)``.
+
+    For a Parseval frame the Wiener filter of the paper (Appendix I) collapses to a
+    scalar shrinkage of the synthesis per row: ``sx^2`` is the signal energy per
+    original coordinate (``|D_i|^2 / in``), ``sn^2`` the measured quantization noise
+    per coefficient. The gain is folded into the float16 scales, so it costs nothing.
+    """
+    D_hat = inner.weight().double()
+    noise = (D_hat - D).square().mean(dim=1)
+    signal = D.square().sum(dim=1) / in_dim
+    gain = torch.where(signal + noise > 0, signal / (signal + noise), torch.ones_like(signal))
+    inner.scale.copy_((inner.scale * gain[:, None].float()).half().float())
