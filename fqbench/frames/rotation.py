@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import abc
 import functools
-import hashlib
 import math
 import numbers
 
 import torch
 
 from fqbench.frames.hadamard import SUPPORTED_ORDERS, apply_hadamard, fwht, hadamard_factor, kron_apply
+from fqbench.seeding import derive_seed
 
 KINDS = ("auto", "hadamard", "kronecker", "orthogonal", "block_hadamard", "identity")
 
@@ -78,7 +78,7 @@ class HadamardRotation(Rotation):
 
     @staticmethod
     def build(dim, seed):
-        return (_random_signs(dim, _generator(seed, "hadamard/signs")) / math.sqrt(dim),)
+        return (_random_signs(dim, _generator(seed, "hadamard", "signs")) / math.sqrt(dim),)
 
     def _rotate(self, x, params, transpose):
         (scaled_signs,) = params
@@ -97,10 +97,10 @@ class KroneckerRotation(Rotation):
     @staticmethod
     def build(dim, seed):
         d1 = max(f for f in range(1, math.isqrt(dim) + 1) if dim % f == 0)
-        right = _haar_orthogonal(dim // d1, _generator(seed, "kronecker/right"))
+        right = _haar_orthogonal(dim // d1, _generator(seed, "kronecker", "right"))
         if d1 == 1:
             return (right,)
-        return _haar_orthogonal(d1, _generator(seed, "kronecker/left")), right
+        return _haar_orthogonal(d1, _generator(seed, "kronecker", "left")), right
 
     def _rotate(self, x, params, transpose):
         return kron_apply(x, [q.T for q in params] if transpose else list(params))
@@ -130,7 +130,7 @@ class BlockHadamardRotation(Rotation):
     @staticmethod
     def build(dim, seed):
         block = dim & -dim
-        return (_random_signs(block, _generator(seed, "block_hadamard/signs")) / math.sqrt(block),)
+        return (_random_signs(block, _generator(seed, "block_hadamard", "signs")) / math.sqrt(block),)
 
     def _rotate(self, x, params, transpose):
         (scaled_signs,) = params
@@ -186,11 +186,10 @@ def _parameters(kind: str, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
     return _ROTATIONS[kind].build(dim, seed)
 
 
-def _generator(seed: int, stream: str) -> torch.Generator:
+def _generator(seed: int, *stream: str) -> torch.Generator:
     """A CPU generator for one random object; each object gets its own stream,
     so that e.g. the two Kronecker factors are independent."""
-    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.Generator().manual_seed(derive_seed(seed, "rotation", *stream))
 
 
 def _random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
