@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (GPTQ protocol), downstream tasks (lm-evaluation-harness), vision accuracy."""

@@ -1,0 +1,1 @@
+"""Command-line tools: checkpoint importers and the training script of the evidence model."""
