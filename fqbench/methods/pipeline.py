@@ -48,12 +48,14 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, solver: So
         H = H * (n / torch.trace(H).clamp(min=1e-30))
         H.diagonal().add_(transforms.hessian_reg)
     in_op, out_op = transforms.in_op, transforms.out_op
-    D = out_op.analysis(in_op.analysis(W).T).T
-    H_frame = in_op.analysis(in_op.analysis(H).T)
+    # Transforms run at the solver's float32 precision: H was accumulated and
+    # normalised in float64, and an orthogonal transform does not amplify rounding.
+    D = out_op.analysis(in_op.analysis(W.float()).T).T
+    H_frame = in_op.analysis(in_op.analysis(H.float()).T)
     result = gptq_solve(_clip(D, clip_sigma), H_frame, grid, solver)
     inner = _grid_layer(result, grid)
     if transforms.denoise:
-        _apply_wiener_gain(inner, D, in_dim=in_op.dim)
+        _apply_wiener_gain(inner, D.double(), in_dim=in_op.dim)
     layer = TransformedLayer(inner, in_op, out_op, input_scale, transforms.act_bits)
     layer.info.update(
         damping=result.damping,

@@ -123,45 +123,54 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, options: Solver
     U = U.to(W.device, torch.float32)
     del H
 
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
-    Q = torch.empty_like(W)
-    scale = torch.empty(rows, num_groups, device=W.device)
-    zero = torch.empty(rows, num_groups, device=W.device)
+    # Work on W^T so that a column of W is a contiguous row: the per-column
+    # reads, writes and rank-one updates then stream through memory.
+    WT = W.T.contiguous()
+    del W
+    QT = torch.empty_like(WT)
+    codesT = torch.empty(cols, rows, dtype=torch.uint8, device=WT.device)
+    scale = torch.empty(rows, num_groups, device=WT.device)
+    zero = torch.empty(rows, num_groups, device=WT.device)
     position_group = torch.empty(cols, dtype=torch.long)
     current: AffineGrid | None = None
+    current_group = -1
 
     for i1 in range(0, cols, options.blocksize):
         i2 = min(i1 + options.blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2]  # a view: updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if static_grids is not None:
                 g = (perm[col].item() if perm is not None else col) // groupsize
-                current = static_grids[g]
-            elif col % groupsize == 0:
+            else:
                 g = col // groupsize
-                # Fit on the up-to-date weights: the block copy once inside a block.
-                source = W[:, col:col + groupsize] if i == 0 else W1[:, i:i + groupsize]
-                current = grid.fit(source)
-            scale[:, g] = current.scale
-            zero[:, g] = current.zero
+            if g != current_group:
+                if static_grids is not None:
+                    current = static_grids[g]
+                else:
+                    # Fitted on up-to-date weights: the block's rows already carry its updates.
+                    current = grid.fit(WT[col:col + groupsize].T)
+                scale[:, g] = current.scale
+                zero[:, g] = current.zero
+                current_group = g
             position_group[col] = g
 
-            w = W1[:, i]
+            w = W1[i]
             q = current.encode(w)
             dq = current.decode(q)
-            codes[:, col] = q.to(torch.uint8)
-            Q[:, col] = dq
+            codesT[col] = q.to(torch.uint8)
+            QT[col] = dq
             err = (w - dq) / U1[i, i]
-            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            Err1[i] = err
+        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
 
-    group_index = position_group.to(W.device)
+    codes, Q = codesT.T, QT.T
+    group_index = position_group.to(Q.device)
     if perm is not None:
         inverse = torch.argsort(perm)
         codes, Q = codes[:, inverse], Q[:, inverse]
         group_index = group_index[inverse.to(group_index.device)]
-    return SolverResult(codes, scale, zero, group_index, Q, damping, hinv_dtype)
+    return SolverResult(codes.contiguous(), scale, zero, group_index, Q.contiguous(), damping, hinv_dtype)
