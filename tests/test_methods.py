@@ -172,3 +172,14 @@ def test_nominal_bits():
     assert build_method("framequant", bits=2, redundancy=1.1).nominal_bits == pytest.approx(2.2)
     assert build_method("gptq", bits=3).nominal_bits == 3
     assert math.isclose(build_method("quip_clip", bits=2).nominal_bits, 2)
+
+
+@pytest.mark.parametrize("redundancy", [1.0, 1.1])
+def test_wiener_denoising_lowers_the_error(redundancy, layer_factory):
+    W, H, X = layer_factory(128, 256, samples=2048, heavy_tailed=True, outlier_channels=4)
+    plain = build_method("framequant", bits=2, redundancy=redundancy).quantize(W, H)
+    denoised = build_method("framequant", bits=2, redundancy=redundancy, denoise=True).quantize(W, H)
+    assert torch.equal(plain.inner.codes, denoised.inner.codes)  # only the scales change
+    assert proxy_error(W, denoised.weight(), H) < proxy_error(W, plain.weight(), H)
+    assert held_out_error(W, denoised, X) < held_out_error(W, plain, X)
+    assert denoised.bits_per_weight == plain.bits_per_weight

@@ -55,7 +55,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, solver: So
     result = gptq_solve(_clip(D, clip_sigma), H_frame, grid, solver)
     inner = _grid_layer(result, grid)
     if transforms.denoise:
-        _apply_wiener_gain(inner, D.double(), in_dim=in_op.dim)
+        _apply_wiener_gain(inner, D, H_frame)
     layer = TransformedLayer(inner, in_op, out_op, input_scale, transforms.act_bits)
     layer.info.update(
         damping=result.damping,
@@ -91,16 +91,21 @@ def _rescale(W: torch.Tensor, H: torch.Tensor):
     return W * s, H / s[:, None] / s[None, :], inv_s.float()
 
 
-def _apply_wiener_gain(inner: GridLayer, D: torch.Tensor, in_dim: int) -> None:
-    """Scale each row of ``D_hat`` by the LMMSE gain ``sx^2 / (sx^2 + sn^2)``.
+def _apply_wiener_gain(inner: GridLayer, D: torch.Tensor, H_frame: torch.Tensor) -> None:
+    """Scale each row of ``D_hat`` by its linear MMSE gain (a diagonal Wiener filter).
 
-    For a Parseval frame the Wiener filter of the paper (Appendix I) collapses to a
-    scalar shrinkage of the synthesis per row: ``sx^2`` is the signal energy per
-    original coordinate (``|D_i|^2 / in``), ``sn^2`` the measured quantization noise
-    per coefficient. The gain is folded into the float16 scales, so it costs nothing.
+    Output coefficient i of the layer is ``z_i = D_i c`` for frame-space inputs
+    ``c``; the quantized layer gives ``z_hat_i = D_hat_i c``. The gain minimising
+    ``E (z_i - g z_hat_i)^2`` is ``E[z_i z_hat_i] / E[z_hat_i^2]``, with the
+    expectations taken under the calibration statistics ``H_frame``. With noise
+    independent of the signal it is the textbook ``sx^2 / (sx^2 + sn^2)`` (paper
+    Appendix I); measuring the cross term instead also accounts for the clipping
+    and the solver's error feedback, which are not independent of the weights.
+    The gain is folded into the float16 scales, so it costs nothing to store.
     """
-    D_hat = inner.weight().double()
-    noise = (D_hat - D).square().mean(dim=1)
-    signal = D.square().sum(dim=1) / in_dim
-    gain = torch.where(signal + noise > 0, signal / (signal + noise), torch.ones_like(signal))
+    D_hat = inner.weight().to(H_frame.dtype)
+    projected = D_hat @ H_frame
+    cross = (projected * D.to(H_frame.dtype)).sum(dim=1)
+    power = (projected * D_hat).sum(dim=1)
+    gain = torch.where(power > 0, cross / power, torch.ones_like(power))
     inner.scale.copy_((inner.scale * gain[:, None].float()).half().float())
