@@ -56,18 +56,18 @@ def test_honest_bits_framequant_both_sides_and_input_only(layer_factory):
     r = both.in_op.effective_redundancy
     assert r == pytest.approx(1.125) and both.effective_redundancy == pytest.approx(r * r)
     rows = 256 * r
-    expected = (2 * r * r * 256 * 512 + rows * (16 + 2) + 2 * 128) / (256 * 512)
+    expected = (2 * r * r * 256 * 512 + rows * (16 + 2) + 2 * 192) / (256 * 512)
     assert both.bits_per_weight == pytest.approx(expected)
     assert both.bits_per_weight > 2.53 and both.nominal_bits == pytest.approx(2.2)
     one = build_method("framequant", bits=2, redundancy=1.1, redundancy_sides="input").quantize(W, H)
     assert one.effective_redundancy == pytest.approx(1.125)
-    assert one.bits_per_weight == pytest.approx((2 * 1.125 * 256 * 512 + 256 * 18 + 256) / (256 * 512))
+    assert one.bits_per_weight == pytest.approx((2 * 1.125 * 256 * 512 + 256 * 18 + 2 * 192) / (256 * 512))
 
 
 def test_quip_bits_count_the_rescaling_vector(layer_factory):
     W, H, _ = layer_factory(96, 128)
     layer = build_method("quip", bits=2).quantize(W, H)
-    assert layer.bits_per_weight == pytest.approx(2 + (16 + 128 * 16 + 2 * 128) / (96 * 128))
+    assert layer.bits_per_weight == pytest.approx(2 + (16 + 128 * 16 + 2 * 192) / (96 * 128))
 
 
 def test_frames_and_incoherence_win_at_two_bits_on_heavy_tails(layer_factory):

@@ -18,8 +18,9 @@ from torch import nn
 from fqbench.frames.operator import FrameOperator
 from fqbench.quant.grids import SCALE_BITS
 
-# dim, block, subspaces and seed of a regenerated transform, as four int32.
-OPERATOR_SPEC_BITS = 4 * 32
+# What regenerates a transform, as the packed format stores it: dim, block, rotation
+# kind and seed as four int32, and the requested redundancy as a float64 (exact).
+OPERATOR_SPEC_BITS = 4 * 32 + 64
 
 
 class QuantizedLayer(nn.Module):
@@ -92,8 +93,8 @@ class GridLayer(QuantizedLayer):
         rows, groups = self.scale.shape
         stored = {"codes": self.codes.numel() * self.bits}
         if self.shared_scale:
-            # QuIP's grid: one scale for the matrix, zero fixed at maxq / 2.
-            stored["scale"] = SCALE_BITS
+            # QuIP's grid: one scale per group shared by all rows, zero fixed at maxq / 2.
+            stored["scale"] = groups * SCALE_BITS
             return stored
         stored["scale"] = rows * groups * SCALE_BITS
         stored["zero"] = rows * groups * self.zero_bits
