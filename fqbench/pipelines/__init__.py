@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 
-PIPELINES = {}
+PIPELINES = {
+    "lm": "fqbench.pipelines.lm",
+    "vision": "fqbench.pipelines.vision",
+}
 
 
 def run_pipeline(cfg, method, device, output_dir) -> dict:
