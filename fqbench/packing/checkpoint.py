@@ -1,0 +1,348 @@
+"""Saving a quantized model as a packed checkpoint, and loading it back from the files alone.
+
+A checkpoint is a directory with two files:
+
+- ``model.safetensors``: every tensor of the model that is not a quantized weight
+  (embeddings, norms, biases, heads) at the dtype it was evaluated in, each tensor
+  shared by tied weights once; and for every quantized linear ``<name>`` its packed
+  tensors ``<name>.quantized.*`` (``fqbench.packing.format``);
+- ``config.json``: the model's own config (Hugging Face's, or timm's
+  ``architecture``/``model_args``) with a ``quantization_config`` entry: the format
+  version, the fqbench version and git sha, the method and its options, the dtype,
+  tied weights, model-level bits, and per quantized layer its metadata.
+
+Loading rebuilds the architecture from ``config.json`` and fills it from
+``model.safetensors``, nothing else:
+
+    save_quantized(model, layers, "out/packed", method=method)
+    model = load_quantized("out/packed")                 # "dequantized": bit-identical to the evaluated model
+    model = load_quantized("out/packed", mode="packed")  # weights stay packed (fqbench.packing.modules)
+
+``dequantized`` puts ``layer.weight()`` into every nn.Linear exactly as the engine
+does (layers with activation quantization become ``QuantizedLinear``), so outputs
+are bit-identical to the fake-quantized model when the weights are computed on the
+same kind of device as during quantization (``device=``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fqbench
+from fqbench.methods import METHODS
+from fqbench.methods.layers import QuantizedLayer, QuantizedLinear
+from fqbench.packing.format import PackedFormatError, pack_layer, unpack_layer
+from fqbench.packing.models import build_model, describe_model
+from fqbench.packing.modules import LUT_ROWS, packed_module
+from fqbench.packing.safetensors_file import METADATA
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "fqbench"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+INFIX = "quantized"
+MODES = ("dequantized", "packed")
+
+
+# --- saving ------------------------------------------------------------------------------
+
+
+def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], directory: str | os.PathLike, *,
+                   method, timm_name: str | None = None, timm_kwargs: dict | None = None,
+                   device: str | torch.device = "cpu", overwrite: bool = False) -> Path:
+    """Write ``model`` (fake-quantized by the engine) with its quantized ``layers`` packed.
+
+    ``layers``: the engine's ``{full_name: QuantizedLayer}`` (``keep_layers=True``).
+    ``method``: the ``Method`` (or its registered name). timm models need the
+    ``timm_kwargs`` they were created with (``timm_name`` defaults to the model's
+    architecture). Every layer is checked to be the one in the model: its weight is
+    recomputed on ``device`` (use the quantization device) and must equal the model's.
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; choose another directory or pass overwrite=True")
+    method_name, method_config = _method_record(method)
+    library, model_config = describe_model(model, timm_name, timm_kwargs)
+    dtype = _model_dtype(model)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+    tensors, aliases = _regular_tensors(model, layers)
+    metas = {}
+    for name, layer in layers.items():
+        _check_layer_in_model(model, name, layer, device)
+        layer_tensors, metas[name] = pack_layer(layer)
+        tensors.update({f"{name}.{INFIX}.{key}": t for key, t in layer_tensors.items()})
+    skeleton = build_model(library, model_config, dtype, attn, device="meta")
+    _check_coverage(skeleton, {k: t for k, t in tensors.items() if not _is_quantized_key(k, metas)}, metas, aliases)
+
+    weights = {name: m["shape"][0] * m["shape"][1] for name, m in metas.items()}
+    total = sum(weights.values())
+    config = dict(model_config)
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "fqbench_version": fqbench.__version__,
+        "fqbench_git_sha": _git_sha(),
+        "torch_version": torch.__version__,
+        "method": method_name,
+        "method_config": method_config,
+        "model_library": library,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": attn,
+        "tied_tensors": aliases,
+        "bits_per_weight": sum(m["bits_per_weight"] * weights[n] for n, m in metas.items()) / total if total else None,
+        "nominal_bits": sum(m["nominal_bits"] * weights[n] for n, m in metas.items()) / total if total else None,
+        "layers": metas,
+    }
+    _write_directory(directory, tensors, config, overwrite)
+    return directory
+
+
+def _method_record(method) -> tuple[str, dict]:
+    if isinstance(method, str):
+        name, config = method, {}
+    else:
+        name, config = method.name, asdict(method.config) if is_dataclass(method.config) else {}
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+    return name, config
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _regular_tensors(model: nn.Module, layers: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's tensors other than quantized weights, each storage once; and ``{alias: stored name}``."""
+    state = model.state_dict()
+    skip = set()
+    for name in layers:
+        module = _submodule(model, name)
+        if isinstance(module, nn.Linear):
+            skip.add(f"{name}.weight")
+        elif isinstance(module, QuantizedLinear):
+            skip.update(k for k in state if k.startswith(f"{name}.qlayer."))
+        else:
+            raise ValueError(f"{name} is a {type(module).__name__}; quantized layers must be nn.Linear "
+                             f"(fake-quantized) or QuantizedLinear modules")
+    stored: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for key, t in state.items():
+        if key in skip:
+            continue
+        identity = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                    t.dtype)
+        if identity in stored:
+            aliases[key] = stored[identity]
+            continue
+        stored[identity] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def _check_layer_in_model(model: nn.Module, name: str, layer: QuantizedLayer, device) -> None:
+    module = _submodule(model, name)
+    if isinstance(module, QuantizedLinear):
+        if module.qlayer is not layer and not torch.equal(module.qlayer.weight(), layer.weight()):
+            raise ValueError(f"layer {name}: the QuantizedLinear in the model holds a different quantized layer")
+        return
+    if (module.out_features, module.in_features) != (layer.out_features, layer.in_features):
+        raise ValueError(f"layer {name}: quantized shape {(layer.out_features, layer.in_features)} differs from the "
+                         f"model's linear {(module.out_features, module.in_features)}")
+    with torch.no_grad():
+        weight = layer.to(device).weight().to(module.weight.dtype).to(module.weight.device)
+        layer.cpu()
+    if not torch.equal(weight, module.weight):
+        raise ValueError(f"layer {name}: the model's weight is not this layer's weight(); save the layers the engine "
+                         f"returned for this model, and pass the device it quantized on (device=...)")
+
+
+def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bool) -> None:
+    """Write into a temporary sibling and rename it into place: never a half-written checkpoint."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata=METADATA)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+        if directory.exists():
+            if not overwrite:
+                raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            os.replace(directory, old / "replaced")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _json_default(value):
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _git_sha() -> str | None:
+    from fqbench.records import git_sha
+
+    return git_sha()
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """``(model config, quantization_config)`` of a packed checkpoint, validated."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; is {directory} a packed checkpoint written by fqbench?")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PackedFormatError(f"{path} is not valid JSON: {error}") from error
+    qc = config.pop("quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise PackedFormatError(f"{path} has no fqbench quantization_config (quant_method={QUANT_METHOD!r}); "
+                                f"it is not a packed checkpoint written by fqbench")
+    version = qc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PackedFormatError(f"{path}: format_version {version!r} is not readable by fqbench "
+                                f"{fqbench.__version__} (reads up to {FORMAT_VERSION}); upgrade fqbench")
+    method = qc.get("method")
+    if method not in METHODS:
+        raise PackedFormatError(f"{path}: unknown method {method!r} in quantization_config; this fqbench knows "
+                                f"{', '.join(sorted(METHODS))}")
+    for key in ("model_library", "dtype", "layers"):
+        if key not in qc:
+            raise PackedFormatError(f"{path}: quantization_config lacks {key!r}")
+    return config, qc
+
+
+def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", device: str | torch.device = "cpu",
+                   lut_rows: int = LUT_ROWS) -> nn.Module:
+    """The model of a packed checkpoint, rebuilt from its config and tensors only, in eval mode on ``device``.
+
+    ``mode="dequantized"``: nn.Linear weights hold ``layer.weight()`` (bit-identical to
+    the evaluated fake-quantized model). ``mode="packed"``: quantized linears become
+    ``PackedLinear`` / ``FrameLinear`` modules that keep the codes packed.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    directory = Path(directory)
+    config, qc = read_checkpoint_config(directory)
+    metas = qc["layers"]
+    dtype = getattr(torch, qc["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise PackedFormatError(f"unknown dtype {qc['dtype']!r} in quantization_config")
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    model = build_model(qc["model_library"], config, dtype, qc.get("attn_implementation"))
+
+    per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in metas}
+    regular = {}
+    for key, t in tensors.items():
+        owner = _quantized_owner(key, metas)
+        if owner is None:
+            regular[key] = t
+        else:
+            per_layer[owner][key[len(owner) + len(INFIX) + 2:]] = t
+    aliases = qc.get("tied_tensors", {})
+    _check_coverage(model, regular, metas, aliases)
+    _assign(model, regular, aliases)
+
+    for name, meta in metas.items():
+        linear = _submodule(model, name)
+        if not isinstance(linear, nn.Linear) or [linear.out_features, linear.in_features] != list(meta["shape"]):
+            raise PackedFormatError(f"layer {name}: the model built from config.json has {linear} there, not a "
+                                    f"linear layer of shape {meta['shape']}")
+        if mode == "packed":
+            _replace(model, name, packed_module(name, meta, per_layer[name], linear.bias, lut_rows=lut_rows))
+            continue
+        layer = unpack_layer(name, meta, per_layer[name]).to(device)
+        if getattr(layer, "act_bits", None) is not None:
+            _replace(model, name, QuantizedLinear(layer, linear.bias))
+        else:
+            with torch.no_grad():
+                linear.weight.data = layer.weight().to(linear.weight.dtype)
+    return model.to(device).eval()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the packed checkpoint is incomplete")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PackedFormatError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupted") from error
+
+
+def _quantized_owner(key: str, metas: dict) -> str | None:
+    marker = f".{INFIX}."
+    if marker not in key:
+        return None
+    owner = key[: key.index(marker)]
+    if owner not in metas:
+        raise PackedFormatError(f"tensor {key} belongs to a quantized layer {owner!r} that config.json does not list")
+    return owner
+
+
+def _is_quantized_key(key: str, metas: dict) -> bool:
+    return _quantized_owner(key, metas) is not None
+
+
+def _check_coverage(model: nn.Module, regular: dict[str, torch.Tensor], metas: dict, aliases: dict) -> None:
+    """Every parameter and buffer of the rebuilt model is either stored, tied to a stored one, or a quantized weight."""
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    quantized_weights = {f"{name}.weight" for name in metas}
+    expected = set(state) - quantized_weights - set(aliases)
+    missing = sorted(expected - set(regular))
+    if missing:
+        raise PackedFormatError(f"missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}: the checkpoint "
+                                f"is incomplete or does not match the model its config.json describes")
+    unexpected = sorted(set(regular) - expected)
+    if unexpected:
+        raise PackedFormatError(f"unexpected tensor(s) {unexpected[:8]}: they do not exist in the model built from "
+                                f"config.json")
+    wrong = [(k, tuple(regular[k].shape), state[k]) for k in sorted(expected) if tuple(regular[k].shape) != state[k]]
+    if wrong:
+        raise PackedFormatError(f"tensor(s) with the wrong shape (name, stored, expected): {wrong[:8]}")
+    dangling = sorted(k for k, target in aliases.items() if target not in regular)
+    if dangling:
+        raise PackedFormatError(f"tied tensor(s) {dangling} refer to tensors that are not stored")
+
+
+def _assign(model: nn.Module, regular: dict[str, torch.Tensor], aliases: dict) -> None:
+    with torch.no_grad():
+        for key, t in [*regular.items(), *((alias, regular[target]) for alias, target in aliases.items())]:
+            owner, _, attr = key.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            getattr(module, attr).data = t
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as error:
+        raise PackedFormatError(f"the model has no module {name!r} ({error})") from error
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, new)
