@@ -3,84 +3,204 @@
 One job = one model, one method configuration: run the task's pipeline and
 write ``result.json`` atomically in the job's output directory, whether the
 job succeeds or fails (a failed job in a sweep is recorded and the sweep goes on).
+A job whose config already has a finished record under ``runs_root`` is skipped
+(``rerun=true`` runs it again): Hydra sweeps resume by re-running the command.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
+import types
+import typing
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fqbench.methods import method_from_config
+from fqbench.methods import Method, method_from_config
 from fqbench.pipelines import run_pipeline
-from fqbench.records import config_hash, device_info, peak_memory_bytes, versions, write_record
+from fqbench.records import (
+    config_hash, device_info, effective_redundancy, find_finished, peak_memory_bytes, read_record, versions,
+    write_record,
+)
 from fqbench.seeding import seed_everything
+from fqbench.tracking import make_tracker
 
 log = logging.getLogger("fqbench")
+
+# Config groups recorded with every job (the choices behind the resolved config).
+GROUPS = ("model", "method", "data", "tracking", "variant", "experiment")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device; use device=auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
     return device
 
 
-def run_job(cfg: DictConfig, output_dir: Path) -> dict:
+def build_method(method_cfg: DictConfig) -> Method:
+    """Instantiate the method config dataclass (``_target_``), checking option names and types first."""
+    target = method_cfg.get("_target_")
+    if target is None:
+        raise ValueError("the method config has no _target_ (the config dataclass to instantiate)")
+    cls = get_class(target)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(method_cfg) - set(fields) - {"_target_"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; valid options: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in OmegaConf.to_container(method_cfg, resolve=True).items():
+        if key != "_target_" and not _has_type(value, hints[key]):
+            raise ValueError(f"method.{key}={value!r} has the wrong type: expected {_type_name(hints[key])}")
+    return method_from_config(instantiate(method_cfg))
+
+
+def _has_type(value, hint) -> bool:
+    if hint is typing.Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(hint) in (list, tuple):
+        return isinstance(value, (list, tuple))
+    origin = typing.get_origin(hint) or hint
+    return isinstance(origin, type) and isinstance(value, origin) or not isinstance(origin, type)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> dict:
+    """Run one job (or skip it when its config already has a finished record) and return its record."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    digest = config_hash(resolved)
+    if not cfg.rerun:
+        existing = find_finished(cfg.runs_root, digest)
+        if existing is not None:
+            log.info("skipping: config %s already has a finished record %s (rerun=true runs it again)", digest, existing)
+            return {**read_record(existing), "skipped": True}
     record = {
         "status": "running",
+        "sweep": cfg.name,
+        "choices": choices or {},
         "config": resolved,
-        "config_hash": config_hash(resolved),
+        "config_hash": digest,
         "seed": cfg.seed,
         "versions": versions(),
+        "started_at": _now(),
     }
+    write_record(output_dir, record)  # a killed job leaves status "running", never a half-written file
+    tracker = make_tracker(cfg.tracking)
     start = time.perf_counter()
     device = torch.device("cpu")
     try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         record.update(device_info(device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seed_everything(cfg.seed)
-        method = method_from_config(instantiate(cfg.method))
+        method = build_method(cfg.method)
         record["method"] = method.name
+        tracker.start(run_id=digest, name=job_label(choices or {}, resolved), group=cfg.name,
+                      job_type=method.name, config={**resolved, "config_hash": digest, "choices": choices or {}})
+        seed_everything(cfg.seed)
         result = run_pipeline(cfg, method, device, output_dir)
         summary = result.get("summary", {})
+        layers = result.get("layers", [])
         record.update(
             status="ok",
             metrics=result["metrics"],
             bits_per_weight=summary.get("bits_per_weight"),
             nominal_bits=summary.get("nominal_bits"),
+            effective_redundancy=summary.get("effective_redundancy", effective_redundancy(layers)),
             summary=summary,
-            layers=result.get("layers", []),
+            layers=layers,
             **{k: v for k, v in result.items() if k not in ("metrics", "layers", "summary")},
         )
     except Exception as error:  # recorded, then re-raised unless a sweep must go on
         record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         log.error("job failed: %s", record["error"])
+        _finish(record, start, device, output_dir, tracker)
         if not _in_multirun():
-            _finish(record, start, device, output_dir)
             raise
-    _finish(record, start, device, output_dir)
+        return record
+    _finish(record, start, device, output_dir, tracker)
+    print(describe(record))
     return record
 
 
-def _finish(record, start, device, output_dir):
+def job_label(choices: dict, resolved: dict) -> str:
+    """A short human name for a job: model, variant or method, bits."""
+    model = choices.get("model") or resolved.get("model", {}).get("name", "model")
+    recipe = choices.get("variant") or choices.get("method") or "method"
+    return f"{model}/{recipe}/w{resolved.get('method', {}).get('bits', '-')}"
+
+
+def describe(record: dict) -> str:
+    """The end-of-job summary: quality (quantized and FP when the pipeline measured both) and bits."""
+    lines = [f"{job_label(record.get('choices', {}), record['config'])}: {record['status']}"
+             f" in {record.get('seconds', float('nan')):.1f} s"]
+    for name, value in _flat_numbers(record.get("metrics") or {}):
+        lines.append(f"  {name:<32} {value:.4g}")
+    bits, nominal = record.get("bits_per_weight"), record.get("nominal_bits")
+    if bits is not None:
+        line = f"  {'bits per weight (honest)':<32} {bits:.4g}"
+        if nominal is not None:
+            line += f"   (nominal {nominal:.4g}"
+            if record.get("effective_redundancy") is not None:
+                line += f", effective redundancy {record['effective_redundancy']:.4g}"
+            line += ")"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _flat_numbers(metrics: dict, prefix: str = ""):
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat_numbers(value, name + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
+
+
+def _finish(record, start, device, output_dir, tracker):
     record["seconds"] = time.perf_counter() - start
     record["peak_memory_bytes"] = peak_memory_bytes(device)
-    path = write_record(output_dir, record)
-    log.info("wrote %s (status %s)", path, record["status"])
+    record["finished_at"] = _now()
+    try:
+        if record["status"] == "ok":
+            tracker.log_result(record)
+    finally:
+        tracker.finish(failed=record["status"] != "ok")
+        path = write_record(output_dir, record)
+        log.info("wrote %s (status %s)", path, record["status"])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _in_multirun() -> bool:
@@ -89,4 +209,6 @@ def _in_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
+    run_job(cfg, Path(hydra_cfg.runtime.output_dir), choices)

@@ -1,15 +1,18 @@
 """Run records: one ``result.json`` per job, written atomically, and what a record must say.
 
-A record carries the status, the metrics, honest and nominal bits, per-layer
-records, time, peak memory, library versions, device, git sha, seed, the
-resolved config and its hash. ``config_hash`` identifies a job by what it
-computes, so that re-runs can find and skip jobs that are already complete.
+A record carries the status, the metrics, honest and nominal bits, the effective
+redundancy, per-layer records, time, peak memory, library versions, device, git
+sha, seed, the resolved config and its hash. ``config_hash`` identifies a job by
+what it computes, so that re-runs can find and skip jobs that are already
+complete (``find_finished``); ``load(root)`` indexes every record under a runs
+root into one pandas DataFrame.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -18,20 +21,53 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 RECORD_NAME = "result.json"
+FINISHED = "ok"
 
-# Top-level config keys that do not change what a job computes.
-NON_SEMANTIC_KEYS = ("runs_root", "rerun", "tracking", "hydra", "save", "progress")
+log = logging.getLogger(__name__)
+
+# Config keys (dotted paths) that do not change what a job computes: where it
+# runs and writes (runs_root, device, data.root, threads, evaluation batch size
+# and loader workers), how it reports (tracking, progress bars, the sweep's
+# name), whether it re-runs, and the
+# top-level shortcuts ``bits``/``redundancy``, whose values reach the job only
+# through the method config they interpolate (so ``method=fp`` at bits 2 and 3
+# is one job). ``device`` is recorded with every result: a CUDA and a CPU run
+# of one config differ only by floating-point rounding.
+NON_SEMANTIC_KEYS = (
+    "runs_root", "rerun", "tracking", "hydra", "save", "progress", "engine.progress",
+    "device", "threads", "data.root", "eval.batch_size", "eval.workers", "name", "bits", "redundancy",
+)
 
 
 def config_hash(config: dict) -> str:
     """A stable hash of the resolved config, ignoring keys that do not change results."""
-    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    semantic = _drop_paths(config, NON_SEMANTIC_KEYS)
     text = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _drop_paths(config: dict, paths) -> dict:
+    heads: dict[str, list[str]] = {}
+    dropped = set()
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if rest:
+            heads.setdefault(head, []).append(rest)
+        else:
+            dropped.add(head)
+    kept = {}
+    for key, value in config.items():
+        if key in dropped:
+            continue
+        if key in heads and isinstance(value, dict):
+            value = _drop_paths(value, heads[key])
+        kept[key] = value
+    return kept
 
 
 def write_record(directory: str | os.PathLike, record: dict) -> Path:
@@ -111,3 +147,94 @@ def peak_memory_bytes(device: torch.device) -> dict:
     if device.type == "cuda":
         peak["accelerator"] = torch.cuda.max_memory_allocated(device)
     return peak
+
+
+def effective_redundancy(layers: list[dict]) -> float | None:
+    """The model's redundancy: layers' effective redundancies weighted by their weight counts."""
+    pairs = [(l["effective_redundancy"], l["shape"][0] * l["shape"][1]) for l in layers
+             if l.get("effective_redundancy") is not None]
+    total = sum(w for _, w in pairs)
+    return sum(r * w for r, w in pairs) / total if total else None
+
+
+def iter_records(root: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
+    """Every ``result.json`` under ``root`` (sorted by path), with its path; unreadable files are skipped with a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    paths = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in (".hydra", "wandb"))
+        if RECORD_NAME in files:
+            paths.append(Path(directory) / RECORD_NAME)
+    for path in sorted(paths):
+        try:
+            yield path, read_record(path)
+        except (OSError, ValueError) as error:
+            log.warning("skipping unreadable record %s: %s", path, error)
+
+
+def find_finished(root: str | os.PathLike, config_hash: str) -> Path | None:
+    """The newest finished record under ``root`` for a config hash, or None."""
+    found = [(record.get("finished_at") or "", path) for path, record in iter_records(root)
+             if record.get("config_hash") == config_hash and record.get("status") == FINISHED]
+    return max(found)[1] if found else None
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat = {}
+    for key, item in value.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(item, dict) and item:
+            flat.update(flatten(item, name))
+        else:
+            flat[name] = item
+    return flat
+
+
+_INDEX_SKIP = ("layers", "traceback")
+
+
+def load(root: str | os.PathLike, *, status: str | None = None, latest: bool = False):
+    """All records under ``root`` as one pandas DataFrame, one row per record.
+
+    Nested fields are flattened to dotted columns (``metrics.wikitext2.ppl``,
+    ``config.method.redundancy``, ``versions.torch``, ``choices.model``); ``path``
+    is the record's directory. Per-layer records are left out (``load_layers``).
+    ``status="ok"`` keeps finished jobs; ``latest=True`` keeps the newest record
+    of every config hash.
+    """
+    import pandas as pd
+
+    rows = []
+    for path, record in iter_records(root):
+        if status is not None and record.get("status") != status:
+            continue
+        row = flatten({k: v for k, v in record.items() if k not in _INDEX_SKIP})
+        row["path"] = str(path.parent)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    if latest:
+        order = frame["finished_at"].fillna("") if "finished_at" in frame else frame["path"]
+        frame = frame.assign(_order=order).sort_values("_order").drop_duplicates("config_hash", keep="last")
+        frame = frame.drop(columns="_order").sort_values("path")
+    return frame.reset_index(drop=True)
+
+
+def load_layers(root: str | os.PathLike, *, status: str | None = FINISHED):
+    """The per-layer records of every record under ``root``: one row per quantized layer."""
+    import pandas as pd
+
+    rows = []
+    for path, record in iter_records(root):
+        if status is not None and record.get("status") != status:
+            continue
+        for layer in record.get("layers") or []:
+            rows.append({"path": str(path.parent), "config_hash": record.get("config_hash"),
+                         "method": record.get("method"), **flatten(layer)})
+    return pd.DataFrame(rows)
