@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "layers": "fqbench.bench.layers",
+    "inference": "fqbench.bench.inference",
 }
 
 

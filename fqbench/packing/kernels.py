@@ -45,13 +45,13 @@ def decode_codes(packed: torch.Tensor, bits: int, rows: int, cols: int,
     byte, pair = _plane_tables(packed.device, dtype)
     values = None
     for low in range(0, bits, 2):
+        # Integer arithmetic stays in int32: mixed uint8/int32 operations take a slow path.
+        index = planes[:, low].to(torch.int32)
         if low + 1 < bits:
-            index = planes[:, low].to(torch.int32) * 256 + planes[:, low + 1]
-            part = F.embedding(index, pair)
-        else:
-            part = F.embedding(planes[:, low].to(torch.int32), byte)
+            index.mul_(256).add_(planes[:, low + 1].to(torch.int32))
+        part = F.embedding(index, pair if low + 1 < bits else byte)
         if values is None:
-            values = part if low == 0 else part * 2.0**low
+            values = part if low == 0 else part.mul_(2.0**low)
         else:
             values.add_(part, alpha=2.0**low)
     return values.view(-1)[:count].view(rows, cols)
@@ -74,7 +74,8 @@ def lut_matmul(x: torch.Tensor, packed: torch.Tensor, bits: int, rows: int, cols
     weights = 2.0 ** torch.arange(bits, device=x.device, dtype=torch.float32)
     table = (dots.permute(1, 2, 0).unsqueeze(1) * weights.view(1, bits, 1, 1)).reshape(-1, n)
     offsets = _plane_offsets(blocks, bits, x.device)
-    index = torch.add(packed.view(rows, blocks, bits), offsets)  # uint8 + int32 -> int32, one pass
+    index = packed.view(rows, blocks, bits).to(torch.int32)  # (a mixed uint8 + int32 add is 20x slower)
+    index += offsets
     per_bag = group_size // GROUP * bits
     sums = F.embedding_bag(index.view(-1, per_bag), table, mode="sum")  # (rows * groups, n)
     return sums.view(rows, cols // group_size, n).permute(2, 0, 1)

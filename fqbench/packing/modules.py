@@ -56,13 +56,17 @@ class PackedMatrix(nn.Module):
         return cls(tensors["codes"], scale, zero, group_index, bits=grid["bits"], rows=rows, cols=cols, **options)
 
     def dequantize(self) -> torch.Tensor:
-        """``W_hat`` in float32, computed exactly as ``GridLayer.weight()``."""
-        codes = decode_codes(self.codes, self.bits, self.rows, self.cols)
+        """``W_hat`` in float32, computed exactly as ``GridLayer.weight()``: ``scale * (codes - zero)``."""
+        weight = decode_codes(self.codes, self.bits, self.rows, self.cols)
         scale, zero = self.scale.float(), self.zero.float()
-        if self.groups > 1:
-            index = self._column_groups()
-            scale, zero = scale.index_select(1, index), zero.index_select(1, index)
-        return scale * (codes - zero)
+        if self.groups == 1:
+            return weight.sub_(zero).mul_(scale)  # in place: the same values, no second (rows, cols) buffer
+        if self.group_index is None and self.cols % self.group_size == 0:
+            grouped = weight.view(self.rows, self.groups, self.group_size)
+            grouped.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+            return weight
+        index = self._column_groups()
+        return weight.sub_(zero.index_select(1, index)).mul_(scale.index_select(1, index))
 
     def _column_groups(self) -> torch.Tensor:
         if self.group_index is not None:

@@ -1,0 +1,119 @@
+"""Packed inference modules: frame-space FrameQuant, packed GPTQ/RTN, both kernels, memory."""
+
+import pytest
+import torch
+
+import fqbench.methods  # noqa: F401
+from fqbench.methods import build_method
+from fqbench.packing import FrameLinear, PackedLinear, pack_module
+from fqbench.packing.kernels import decode_codes, lut_matmul
+from fqbench.packing.bits import pack_bits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matmuls: one thread avoids OpenMP spinning on a shared CPU (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def identity_hessian_layer(name, out_features, in_features, seed=0, **options):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_features, in_features, generator=g) * 0.02
+    H = torch.eye(in_features, dtype=torch.float64)
+    return build_method(name, **options).quantize(W, H, seed=seed)
+
+
+# Dimensions that are not powers of two (172 = 43 * 4, 1000, 1032 = 129 * 8), padded and unpadded frames.
+FRAME_SHAPES = [(172, 1000), (1032, 172), (96, 100), (64, 1032), (256, 512), (100, 96)]
+
+
+@pytest.mark.parametrize("redundancy", [1.0, 1.1])
+@pytest.mark.parametrize("shape", FRAME_SHAPES, ids=[f"{o}x{i}" for o, i in FRAME_SHAPES])
+def test_frame_space_forward_equals_the_dequantized_weight(shape, redundancy):
+    layer = identity_hessian_layer("framequant", *shape, bits=2, redundancy=redundancy)
+    bias = torch.randn(shape[0]) * 0.1
+    module = pack_module(layer, bias)
+    assert isinstance(module, FrameLinear)
+    W_hat = layer.weight()
+    for rows in (1, 3, 40):  # the table-lookup kernel (when the layout allows) and the dense one
+        x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
+        reference = x @ W_hat.T + bias
+        scale = reference.abs().max()
+        assert torch.allclose(module(x), reference, rtol=0, atol=1e-5 * scale)
+    batched = torch.randn(2, 5, shape[1])  # any leading dimensions
+    assert module(batched).shape == (2, 5, shape[0])
+    assert torch.allclose(module(batched), batched @ W_hat.T + bias, rtol=0, atol=1e-5 * scale)
+
+
+def test_frame_space_forward_runs_the_table_kernel_on_llm_dimensions():
+    layer = identity_hessian_layer("framequant", 256, 512, bits=2, redundancy=1.1)
+    module = pack_module(layer)
+    assert module.matrix.lut_ok  # 512 -> 576 coefficients, a multiple of 8
+    x = torch.randn(1, 512)
+    assert torch.allclose(module(x), x @ layer.weight().T, rtol=0, atol=1e-5 * (x @ layer.weight().T).abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("options", [{}, {"groupsize": 32}, {"groupsize": 24}], ids=["row", "g32", "g24"])
+def test_packed_grid_linear_both_kernels(bits, options):
+    layer = identity_hessian_layer("rtn", 72, 96, bits=bits, **options)
+    module = pack_module(layer, torch.ones(72))
+    assert isinstance(module, PackedLinear)
+    assert module.matrix.lut_ok == (bits < 8 and options.get("groupsize", 96) % 8 == 0
+                                    and 96 % options.get("groupsize", 96) == 0)
+    x = torch.randn(16, 96)
+    reference = torch.nn.functional.linear(x, layer.weight(), torch.ones(72))
+    assert torch.equal(module(x), reference)  # dense kernel: bit-identical to the fake-quantized linear
+    one = x[:1]
+    assert torch.allclose(module(one), reference[:1], rtol=0, atol=1e-5 * reference.abs().max())
+
+
+def test_act_order_groups_use_the_stored_index(layer_factory):
+    W, H, X = layer_factory(64, 128)
+    layer = build_method("gptq", bits=3, act_order=True, groupsize=16).quantize(W, H)
+    module = pack_module(layer)
+    assert module.matrix.group_index is not None and not module.matrix.lut_ok
+    assert torch.equal(module(X[:4]), X[:4] @ layer.weight().T)
+
+
+def test_activation_quantization_is_bit_identical_to_the_layer(layer_factory):
+    W, H, X = layer_factory(96, 128)
+    layer = build_method("framequant", bits=2, redundancy=1.1, act_bits=6).quantize(W, H)
+    module = pack_module(layer)
+    assert torch.equal(module(X[:32]), layer(X[:32]))
+
+
+def test_half_precision_inputs_keep_their_dtype():
+    layer = identity_hessian_layer("framequant", 64, 128, bits=2, redundancy=1.1)
+    module = pack_module(layer, torch.zeros(64))
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(4, 128).to(dtype)
+        y = module(x)
+        assert y.dtype == dtype
+        assert torch.allclose(y.float(), x.float() @ layer.weight().T, atol=3e-2 * y.float().abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+def test_kernels_on_raw_codes(bits):
+    g = torch.Generator().manual_seed(bits)
+    rows, cols = 24, 64
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g)
+    packed = pack_bits(codes, bits)
+    assert torch.equal(decode_codes(packed, bits, rows, cols), codes.float())
+    if bits < 8:
+        x = torch.randn(3, cols, generator=g)
+        partial = lut_matmul(x, packed, bits, rows, cols, group_size=16)  # (3, rows, 4)
+        expected = (x.view(3, 1, 4, 16) * codes.float().view(1, rows, 4, 16)).sum(-1)
+        assert torch.allclose(partial, expected, atol=1e-4)
+
+
+def test_packed_memory_is_what_the_bits_say():
+    layer = identity_hessian_layer("framequant", 512, 1024, bits=2, redundancy=1.1)
+    module = pack_module(layer)
+    held = sum(t.numel() * t.element_size() for t in [*module.buffers(), *module.parameters()])
+    predicted = layer.bits_per_weight * 512 * 1024 / 8
+    # codes at 2 bits, scales at 16; zero points held as bytes: within 10% of the honest bits
+    assert predicted <= held <= 1.1 * predicted
