@@ -90,3 +90,47 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
+
+
+def convert_stories(data_root: Path, out: Path) -> Path:
+    """The real pretrained llama2.c stories260K, converted to a Hugging Face directory."""
+    from fqbench.tools.llama2c import convert
+
+    return convert(data_root / "llama2c" / "stories260K.bin", data_root / "llama2c" / "tok512.model", out)
+
+
+STORY_ITEMS = [  # (context, choices, index of the continuation a TinyStories model should prefer)
+    ("Once upon a", ["time", "table"], 0),
+    ("Once upon a time, there was a little girl named", ["because", "Lily"], 1),
+    ("She loved to play outside in the", ["park", "ran"], 0),
+    ("Lily was very", ["the", "happy"], 1),
+    ("One day, a little boy went to the", ["and", "park"], 1),
+    ("The dog wagged its", ["tail", "she"], 0),
+    ("They played together all", ["day", "was"], 0),
+    ("Tom said to his mom, \"Can I have a", ["to", "cookie"], 1),
+]
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_story_task(folder: Path, name: str = "stories_choice") -> Path:
+    """An lm-eval task YAML over a local JSON-lines file: runs offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"context": c, "choices": ch, "label": y}) + "\n" for c, ch, y in STORY_ITEMS))
+    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
+    return folder

@@ -22,10 +22,9 @@ def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, *, include_path: str | N
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tasks = list(tasks)
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" or in include_path={include_path}" if include_path else " (set eval.lm_eval.include_path for local task YAMLs)"
@@ -35,6 +34,17 @@ def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, *, include_path: str | N
                              log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                              fewshot_random_seed=seed)
     return flatten_results(output["results"])
+
+
+def task_manager(tasks, include_path):
+    """Only the local task folder when it defines every task (indexing lm-eval's ~15k built-in YAMLs takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    return TaskManager(include_path=include_path)
 
 
 def flatten_results(results: dict) -> dict[str, float]:
