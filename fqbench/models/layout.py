@@ -32,10 +32,16 @@ class Layout:
         container = model.get_submodule(self.blocks)
         blocks = [Block(f"{self.blocks}.{i}", block, self.groups) for i, block in enumerate(container)]
         for block in blocks:
-            missing = [n for n in block.linears() if not isinstance(_get(block.module, n), nn.Linear)]
+            missing = [n for n in block.linears() if not is_linear(_get(block.module, n))]
             if missing:
                 raise ValueError(f"{block.name}: expected nn.Linear modules {missing}; the layout does not match this model")
         return blocks
+
+
+def is_linear(module) -> bool:
+    """An nn.Linear, or a module standing in for one (a quantized or packed linear layer)."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Module) and hasattr(module, "in_features") and hasattr(module, "out_features"))
 
 
 def _get(module: nn.Module, name: str):

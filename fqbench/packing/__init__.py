@@ -10,7 +10,7 @@ See docs/packing.md.
 """
 
 from fqbench.packing.bits import pack_bits, unpack_bits
-from fqbench.packing.checkpoint import load_quantized, read_checkpoint_config, save_quantized
+from fqbench.packing.checkpoint import load_quantized, read_checkpoint_config, save_quantized, save_run
 from fqbench.packing.format import PackedFormatError
 from fqbench.packing.modules import FrameLinear, PackedLinear, PackedMatrix, pack_module
 from fqbench.packing.sizes import checkpoint_sizes
@@ -26,5 +26,6 @@ __all__ = [
     "pack_module",
     "read_checkpoint_config",
     "save_quantized",
+    "save_run",
     "unpack_bits",
 ]

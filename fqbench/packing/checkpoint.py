@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -59,7 +60,8 @@ MODES = ("dequantized", "packed")
 
 def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], directory: str | os.PathLike, *,
                    method, timm_name: str | None = None, timm_kwargs: dict | None = None,
-                   device: str | torch.device = "cpu", overwrite: bool = False) -> Path:
+                   device: str | torch.device = "cpu", overwrite: bool = False,
+                   write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (fake-quantized by the engine) with its quantized ``layers`` packed.
 
     ``layers``: the engine's ``{full_name: QuantizedLayer}`` (``keep_layers=True``).
@@ -67,6 +69,7 @@ def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], director
     ``timm_kwargs`` they were created with (``timm_name`` defaults to the model's
     architecture). Every layer is checked to be the one in the model: its weight is
     recomputed on ``device`` (use the quantization device) and must equal the model's.
+    ``write_extra(tmp_dir)`` adds files (e.g. a tokenizer) before the directory appears.
     """
     directory = Path(directory)
     if directory.exists() and not overwrite:
@@ -104,7 +107,7 @@ def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], director
         "nominal_bits": sum(m["nominal_bits"] * weights[n] for n, m in metas.items()) / total if total else None,
         "layers": metas,
     }
-    _write_directory(directory, tensors, config, overwrite)
+    _write_directory(directory, tensors, config, overwrite, write_extra)
     return directory
 
 
@@ -171,13 +174,15 @@ def _check_layer_in_model(model: nn.Module, name: str, layer: QuantizedLayer, de
                          f"returned for this model, and pass the device it quantized on (device=...)")
 
 
-def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bool) -> None:
+def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bool, write_extra=None) -> None:
     """Write into a temporary sibling and rename it into place: never a half-written checkpoint."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=METADATA)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
         if directory.exists():
             if not overwrite:
                 raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
@@ -204,6 +209,18 @@ def _git_sha() -> str | None:
     from fqbench.records import git_sha
 
     return git_sha()
+
+
+def save_run(model: nn.Module, layers: dict[str, QuantizedLayer], method, output_dir: str | os.PathLike, *,
+             device, tokenizer=None, **source) -> dict:
+    """What a pipeline calls with ``save=true``: the packed model in ``<output_dir>/packed`` (with the
+    tokenizer, if any), returning ``{"directory": ..., **checkpoint_sizes}`` for ``result.json``."""
+    from fqbench.packing.sizes import checkpoint_sizes
+
+    directory = Path(output_dir) / "packed"
+    save_quantized(model, layers, directory, method=method, device=device, overwrite=True,
+                   write_extra=None if tokenizer is None else tokenizer.save_pretrained, **source)
+    return {"directory": str(directory), **checkpoint_sizes(directory)}
 
 
 # --- loading -----------------------------------------------------------------------------

@@ -46,14 +46,20 @@ def run(cfg, method, device, output_dir) -> dict:
     inputs = capture_block_inputs(model, blocks, calibration.windows,
                                   lambda m, ids: m(input_ids=ids.to(device), use_cache=False), device)
     # keep_layers: the quantized layers, for saving packed models when cfg.save is set.
-    records, _kept = quantize_blocks(blocks, inputs, method, device=device, seed=cfg.seed,
-                                     true_sequential=cfg.engine.true_sequential,
-                                     keep_layers=bool(cfg.get("save", False)), progress=cfg.engine.progress)
+    records, kept = quantize_blocks(blocks, inputs, method, device=device, seed=cfg.seed,
+                                    true_sequential=cfg.engine.true_sequential,
+                                    keep_layers=bool(cfg.get("save", False)), progress=cfg.engine.progress)
     del inputs
     quantize_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     evaluate(model, tokenizer, adapter, eval_sets, cfg, device, metrics, details, prefix="")
+    eval_seconds = time.perf_counter() - start
+    saved = {}
+    if cfg.get("save", False):  # the evaluated model, packed: <output_dir>/packed (fqbench.packing)
+        from fqbench.packing import save_run
+
+        saved["packed"] = save_run(model, kept, method, output_dir, device=device, tokenizer=tokenizer)
     return {
         "metrics": metrics,
         "layers": [record.to_dict() for record in records],
@@ -72,7 +78,8 @@ def run(cfg, method, device, output_dir) -> dict:
         "calib_nsamples": len(calibration.windows),
         "calib_tokens": calibration.tokens,
         "quantize_seconds": quantize_seconds,
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": eval_seconds,
+        **saved,
     }
 
 
