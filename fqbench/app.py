@@ -22,8 +22,8 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import call, get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fqbench.methods import Method, method_from_config
 from fqbench.pipelines import run_pipeline
@@ -35,6 +35,10 @@ from fqbench.seeding import seed_everything
 from fqbench.tracking import make_tracker
 
 log = logging.getLogger("fqbench")
+
+# The config tree (an absolute path: `python -m fqbench` runs the app as a module,
+# for which Hydra would read a relative config_path as a Python package).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Config groups recorded with every job (the choices behind the resolved config).
 GROUPS = ("model", "method", "data", "tracking", "variant", "experiment")
@@ -63,10 +67,11 @@ def build_method(method_cfg: DictConfig) -> Method:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; valid options: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    for key, value in OmegaConf.to_container(method_cfg, resolve=True).items():
-        if key != "_target_" and not _has_type(value, hints[key]):
+    values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "_target_"}
+    for key, value in values.items():
+        if not _has_type(value, hints[key]):
             raise ValueError(f"method.{key}={value!r} has the wrong type: expected {_type_name(hints[key])}")
-    return method_from_config(instantiate(method_cfg))
+    return method_from_config(cls(**values))  # the dataclass's own checks raise their clear errors
 
 
 def _has_type(value, hint) -> bool:
@@ -92,15 +97,26 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def prepare_model(cfg: DictConfig) -> str:
+    """Build the checkpoint a model config describes (``model.build``, e.g. the offline default's
+    tiny trained model; cached by the builder) and point ``model.path`` at it."""
+    path = str(call(cfg.model.build))
+    with open_dict(cfg.model):
+        cfg.model.path = path
+    return path
+
+
 def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> dict:
     """Run one job (or skip it when its config already has a finished record) and return its record."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     digest = config_hash(resolved)
     if not cfg.rerun:
         existing = find_finished(cfg.runs_root, digest)
-        if existing is not None:
+        previous = read_record(existing) if existing is not None else None
+        # save=true is not part of the hash, but a record without the packed model does not satisfy it.
+        if previous is not None and (not cfg.get("save") or previous["config"].get("save")):
             log.info("skipping: config %s already has a finished record %s (rerun=true runs it again)", digest, existing)
-            return {**read_record(existing), "skipped": True}
+            return {**previous, "skipped": True}
     record = {
         "status": "running",
         "sweep": cfg.name,
@@ -126,6 +142,8 @@ def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> d
         record["method"] = method.name
         tracker.start(run_id=digest, name=job_label(choices or {}, resolved), group=cfg.name,
                       job_type=method.name, config={**resolved, "config_hash": digest, "choices": choices or {}})
+        if cfg.model.get("build") is not None:
+            record["model_path"] = prepare_model(cfg)
         seed_everything(cfg.seed)
         result = run_pipeline(cfg, method, device, output_dir)
         summary = result.get("summary", {})
@@ -207,7 +225,7 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
