@@ -64,7 +64,7 @@ def test_packed_grid_linear_both_kernels(bits, options):
     assert isinstance(module, PackedLinear)
     assert module.matrix.lut_ok == (bits < 8 and options.get("groupsize", 96) % 8 == 0
                                     and 96 % options.get("groupsize", 96) == 0)
-    x = torch.randn(16, 96)
+    x = torch.randn(40, 96)  # more rows than LUT_ROWS: the dense kernel
     reference = torch.nn.functional.linear(x, layer.weight(), torch.ones(72))
     assert torch.equal(module(x), reference)  # dense kernel: bit-identical to the fake-quantized linear
     one = x[:1]

@@ -31,7 +31,7 @@ from fqbench.packing.kernels import decode_codes, lut_matmul, lut_supported
 
 # Up to this many rows of activations, the table-lookup kernel beats decoding the
 # weights (measured with python -m fqbench.bench inference, docs/benchmarks/inference.md).
-LUT_ROWS = 8
+LUT_ROWS = 16
 
 
 class PackedMatrix(nn.Module):
