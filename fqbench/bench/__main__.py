@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "layers": "fqbench.bench.layers",
     "inference": "fqbench.bench.inference",
+    "lm_memory": "fqbench.bench.lm_memory",
 }
 
 
