@@ -117,3 +117,17 @@ def test_packed_memory_is_what_the_bits_say():
     predicted = layer.bits_per_weight * 512 * 1024 / 8
     # codes at 2 bits, scales at 16; zero points held as bytes: within 10% of the honest bits
     assert predicted <= held <= 1.1 * predicted
+
+
+def test_inference_benchmark_runs_end_to_end(capsys):
+    from fqbench.bench.inference import main
+
+    rows = main(["--hidden", "64", "--intermediate", "176", "--layers", "1", "--heads", "4", "--vocab", "64",
+                 "--decode-tokens", "2", "--prefill", "1x8", "--rounds", "1", "--threads", "1"])
+    assert [r["variant"] for r in rows] == ["dense FP32", "dense FP16", "packed GPTQ", "packed FrameQuant r=1",
+                                            "packed FrameQuant r=1.1"]
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["packed GPTQ"]["decode_vs_gptq"] == 1.0
+    assert by_name["packed FrameQuant r=1.1"]["bits_per_weight"] > by_name["packed GPTQ"]["bits_per_weight"] > 2
+    assert all(r["decode_tokens_per_s"] > 0 and r["peak_decode_mib"] >= r["weight_mib"] for r in rows)
+    assert "| packed FrameQuant r=1.1 |" in capsys.readouterr().out

@@ -33,6 +33,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ import fqbench.methods  # noqa: F401  (registers the methods)
 from fqbench.frames.operator import FrameOperator
 from fqbench.methods import build_method
 from fqbench.methods.layers import GridLayer, TransformedLayer
-from fqbench.packing.kernels import _plane_tables
+from fqbench.packing.kernels import plane_tables
 from fqbench.packing.modules import pack_module
 from fqbench.quant.grids import GridSpec, clip_rows
 from fqbench.seeding import derive_seed
@@ -107,8 +108,11 @@ def live_tensor_bytes() -> int:
     """Bytes of every distinct tensor storage alive in this process (CPU), found through the GC."""
     gc.collect()
     seen, total = set(), 0
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta and obj.device.type == "cpu":
+    with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
+        if not obj.is_meta and obj.device.type == "cpu":
             storage = obj.untyped_storage()
             if storage.data_ptr() not in seen and storage.nbytes():
                 seen.add(storage.data_ptr())
@@ -331,7 +335,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    _plane_tables(device, torch.float32)  # the kernels' constant tables, before any variant's memory is measured
+    plane_tables(device, torch.float32)  # the kernels' constant tables, before any variant's memory is measured
     start = time.perf_counter()
     variants = build_variants(args, device)
     print(f"built {len(variants)} variants in {time.perf_counter() - start:.0f}s", flush=True)

@@ -27,7 +27,7 @@ from fqbench.packing.bits import GROUP
 
 
 @functools.lru_cache(maxsize=None)
-def _plane_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def plane_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(byte, pair)``: the 8 bits of every byte (256 x 8), and of every pair of bytes from
     two consecutive planes, weighted 1 and 2 (65536 x 8, indexed ``256 * low + high``)."""
     byte = ((torch.arange(256).unsqueeze(1) >> torch.arange(GROUP)) & 1).to(torch.float64)
@@ -42,7 +42,7 @@ def decode_codes(packed: torch.Tensor, bits: int, rows: int, cols: int,
         return packed.view(rows, cols).to(dtype)
     count = rows * cols
     planes = packed.view(-1, bits)
-    byte, pair = _plane_tables(packed.device, dtype)
+    byte, pair = plane_tables(packed.device, dtype)
     values = None
     for low in range(0, bits, 2):
         # Integer arithmetic stays in int32: mixed uint8/int32 operations take a slow path.
@@ -68,7 +68,7 @@ def lut_matmul(x: torch.Tensor, packed: torch.Tensor, bits: int, rows: int, cols
     entry ``[t, r, q]`` is ``x[t, cols of group q] @ codes[r, cols of group q]``, in float32."""
     n = x.shape[0]
     blocks = cols // GROUP
-    byte, _ = _plane_tables(x.device, torch.float32)
+    byte, _ = plane_tables(x.device, torch.float32)
     # table[(g * bits + i) * 256 + v, t] = 2^i * (x[t, 8g:8g+8] . bits of v)
     dots = x.float().view(n, blocks, GROUP) @ byte.T  # (n, blocks, 256)
     weights = 2.0 ** torch.arange(bits, device=x.device, dtype=torch.float32)

@@ -38,9 +38,9 @@ def describe_model(model: nn.Module, timm_name: str | None = None, timm_kwargs: 
     if timm_name is None:
         raise ValueError(f"cannot describe a {type(model).__name__} for saving: it is neither a Hugging Face "
                          f"PreTrainedModel nor a timm model (pass timm_name= and timm_kwargs= for timm models)")
+    # timm's own config.json keys, for readers; rebuilding uses architecture and model_args.
     config = {"architecture": timm_name, "model_args": dict(timm_kwargs or {}),
-              "num_classes": getattr(model, "num_classes", None), "num_features": getattr(model, "num_features", None),
-              "global_pool": getattr(model, "global_pool", None) if isinstance(getattr(model, "global_pool", None), str) else None}
+              "num_classes": getattr(model, "num_classes", None), "num_features": getattr(model, "num_features", None)}
     return "timm", config
 
 
