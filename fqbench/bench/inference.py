@@ -34,7 +34,8 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ from fqbench.frames.operator import FrameOperator
 from fqbench.methods import build_method
 from fqbench.methods.layers import GridLayer, TransformedLayer
 from fqbench.packing.kernels import plane_tables
+from fqbench.packing import checkpoint_sizes, save_quantized
 from fqbench.packing.modules import pack_module
 from fqbench.quant.grids import GridSpec, clip_rows
 from fqbench.seeding import derive_seed
@@ -65,6 +67,7 @@ class Variant:
     prefill: list = field(default_factory=list)
     peak_decode_bytes: int = 0
     peak_prefill_bytes: int = 0
+    sizes: dict = field(default_factory=dict)  # fqbench.packing.checkpoint_sizes of the saved variant
 
 
 # --- building the variants ----------------------------------------------------------------
@@ -101,6 +104,7 @@ def quantized_layer(W: torch.Tensor, method: str, bits: int, redundancy: float, 
         D = out_op.analysis(in_op.analysis(W.float()).T).T
         layer = TransformedLayer(rtn_grid(clip_rows(D, 2.0), GridSpec(bits, "sigma", clip_sigma=2.0)), in_op, out_op)
     layer.method = method
+    layer.nominal_bits = bits * (redundancy if method == "framequant" else 1)
     return layer
 
 
@@ -126,26 +130,41 @@ def memory_in_use(device: torch.device) -> int:
 
 def packed_variant(base: nn.Module, name: str, method: str, args, redundancy: float, device) -> Variant:
     """A copy of ``base`` sharing everything but the blocks' linears, which become packed modules."""
-    shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
-    model = copy.deepcopy(base, memo=dict(shared))
     before = memory_in_use(device)
-    honest_bits = weights = 0
-    for i, block in enumerate(model.model.layers):
+    layers = {}
+    for i, block in enumerate(base.model.layers):
         for linear_name in LINEARS:
-            linear = block.get_submodule(linear_name)
-            layer = quantized_layer(linear.weight.data, method, args.bits, redundancy,
-                                    derive_seed(args.seed, f"model.layers.{i}.{linear_name}"), args.quantizer)
-            honest_bits += layer.bits_per_weight * linear.weight.numel()
-            weights += linear.weight.numel()
-            owner, _, attr = linear_name.rpartition(".")
-            setattr(block.get_submodule(owner), attr, pack_module(layer, linear.bias).to(device))
-            del layer
+            full_name = f"model.layers.{i}.{linear_name}"
+            layers[full_name] = quantized_layer(block.get_submodule(linear_name).weight.data, method, args.bits,
+                                                redundancy, derive_seed(args.seed, full_name), args.quantizer)
+    sizes = saved_sizes(base, layers, method) if args.sizes else {}
+    model = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
+    weights = sum(layer.out_features * layer.in_features for layer in layers.values())
+    honest_bits = sum(layer.bits_per_weight * layer.out_features * layer.in_features for layer in layers.values())
+    for full_name, layer in layers.items():
+        owner, _, attr = full_name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, pack_module(layer, model.get_submodule(full_name).bias).to(device))
+    del layers
     model.to(device)
     _warm_up(model, device)  # regenerated transforms are cast to the device on first use
-    variant = Variant(name, model, honest_bits / weights)
+    variant = Variant(name, model, honest_bits / weights, sizes=sizes)
     variant.weight_bytes = memory_in_use(device) - before
     variant.predicted_bytes = honest_bits / 8
     return variant
+
+
+def saved_sizes(base: nn.Module, layers: dict, method: str) -> dict:
+    """Paper Table 6: save the fake-quantized model packed (a temporary directory); sizes read from the files."""
+    linear_params = {id(p) for name in layers for p in base.get_submodule(name).parameters()}
+    fake = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]
+                                     if id(t) not in linear_params})
+    with torch.no_grad():
+        for name, layer in layers.items():
+            linear = fake.get_submodule(name)
+            linear.weight.data = layer.weight().to(linear.weight.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_quantized(fake, layers, Path(tmp) / "packed", method=method)
+        return checkpoint_sizes(Path(tmp) / "packed")
 
 
 def dense_variant(base: nn.Module, name: str, dtype: torch.dtype, device) -> Variant:
@@ -247,6 +266,8 @@ def summarize(variants: list[Variant], args) -> list[dict]:
             "weight_memory_vs_bits": v.weight_bytes / v.predicted_bytes,
             "peak_decode_mib": v.peak_decode_bytes / 2**20,
             "peak_prefill_mib": v.peak_prefill_bytes / 2**20,
+            **({"checkpoint_mib": v.sizes["bytes"] / 2**20, "fp16_checkpoint_mib": v.sizes["fp16_bytes"] / 2**20,
+                "file_bits_per_weight": v.sizes["bits_per_weight"]} if v.sizes else {}),
         })
     reference = {r["variant"]: r for r in rows}
     gptq, fp16 = reference.get("packed GPTQ"), reference.get("dense FP16")
@@ -271,6 +292,17 @@ def format_table(rows) -> str:
             f"| {r['weight_memory_vs_bits']:.3f} | {r['peak_decode_mib']:.1f} | {r['peak_prefill_mib']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def format_sizes(rows) -> str:
+    lines = ["| variant | checkpoint MiB | FP16 original MiB | FP16 / checkpoint | bits/weight from the files "
+             "| bits/weight (accounting) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "checkpoint_mib" in r:
+            lines.append(f"| {r['variant']} | {r['checkpoint_mib']:.1f} | {r['fp16_checkpoint_mib']:.1f} "
+                         f"| {r['fp16_checkpoint_mib'] / r['checkpoint_mib']:.2f} | {r['file_bits_per_weight']:.4f} "
+                         f"| {r['bits_per_weight']:.4f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def check_targets(rows) -> list[str]:
@@ -303,6 +335,8 @@ def parse_args(argv):
     parser.add_argument("--prefill", default="1x128", help="BATCHxLENGTH of the prefill measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (medians reported)")
     parser.add_argument("--quantizer", choices=("rtn", "solver"), default="rtn")
+    parser.add_argument("--no-sizes", dest="sizes", action="store_false",
+                        help="skip saving each packed variant to measure its checkpoint (paper Table 6)")
     parser.add_argument("--variants", default="fp32,fp16,gptq,framequant",
                         help="comma-separated subset of fp32, fp16, bf16, gptq, framequant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -352,6 +386,7 @@ def main(argv=None):
             v.prefill.append(time_prefill(v.model, args.prefill_batch, args.prefill_length, device, args.vocab))
     rows = summarize(variants, args)
     print(format_table(rows))
+    print(format_sizes(rows))
     for line in check_targets(rows):
         print(line)
     print(f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, model: hidden "
