@@ -165,8 +165,7 @@ def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> d
         if not _in_multirun():
             raise
         return record
-    _finish(record, start, device, output_dir, tracker)
-    print(describe(record))
+    print(describe(record, _finish(record, start, device, output_dir, tracker)))
     return record
 
 
@@ -177,21 +176,29 @@ def job_label(choices: dict, resolved: dict) -> str:
     return f"{model}/{recipe}/w{resolved.get('method', {}).get('bits', '-')}"
 
 
-def describe(record: dict) -> str:
-    """The end-of-job summary: quality (quantized and FP when the pipeline measured both) and bits."""
-    lines = [f"{job_label(record.get('choices', {}), record['config'])}: {record['status']}"
-             f" in {record.get('seconds', float('nan')):.1f} s"]
-    for name, value in _flat_numbers(record.get("metrics") or {}):
-        lines.append(f"  {name:<32} {value:.4g}")
-    bits, nominal = record.get("bits_per_weight"), record.get("nominal_bits")
+def describe(record: dict, path: Path | None = None) -> str:
+    """The end-of-job summary: quality at full precision (when measured in the job) and quantized, and the bits."""
+    method = record["config"].get("method", {})
+    options = ", ".join(f"{k} {method[k]}" for k in ("bits", "redundancy") if k in method)
+    lines = [f"{job_label(record.get('choices', {}), record['config'])} ({record.get('method')}"
+             f"{': ' + options if options else ''}): {record['status']} in {record.get('seconds', float('nan')):.0f} s"]
+    numbers = dict(_flat_numbers(record.get("metrics") or {}))
+    names = [n for n in numbers if not n.startswith("fp_")]
+    if names:
+        lines.append(f"  {'metric':<28} {'full precision':>15} {'quantized':>12}")
+        for name in names:
+            fp = numbers.get(f"fp_{name}")
+            lines.append(f"  {name:<28} {'-' if fp is None else f'{fp:.4g}':>15} {numbers[name]:>12.4g}")
+    bits = record.get("bits_per_weight")
     if bits is not None:
-        line = f"  {'bits per weight (honest)':<32} {bits:.4g}"
-        if nominal is not None:
-            line += f"   (nominal {nominal:.4g}"
-            if record.get("effective_redundancy") is not None:
-                line += f", effective redundancy {record['effective_redundancy']:.4g}"
-            line += ")"
+        line = f"  bits per weight: {bits:.4g} honest (codes, scales, zero points, transform seeds)"
+        if record.get("nominal_bits") is not None:
+            line += f", {record['nominal_bits']:.4g} nominal"
         lines.append(line)
+    if record.get("effective_redundancy") is not None:
+        lines.append(f"  stored coefficients per weight: {record['effective_redundancy']:.4g}")
+    if path is not None:
+        lines.append(f"  record: {path}")
     return "\n".join(lines)
 
 
@@ -204,7 +211,7 @@ def _flat_numbers(metrics: dict, prefix: str = ""):
             yield name, value
 
 
-def _finish(record, start, device, output_dir, tracker):
+def _finish(record, start, device, output_dir, tracker) -> Path:
     record["seconds"] = time.perf_counter() - start
     record["peak_memory_bytes"] = peak_memory_bytes(device)
     record["finished_at"] = _now()
@@ -215,6 +222,7 @@ def _finish(record, start, device, output_dir, tracker):
         tracker.finish(failed=record["status"] != "ok")
         path = write_record(output_dir, record)
         log.info("wrote %s (status %s)", path, record["status"])
+    return path
 
 
 def _now() -> str:
