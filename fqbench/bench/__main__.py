@@ -9,6 +9,7 @@ BENCHMARKS = {
     "layers": "fqbench.bench.layers",
     "inference": "fqbench.bench.inference",
     "lm_memory": "fqbench.bench.lm_memory",
+    "orchestration": "fqbench.bench.orchestration",
 }
 
 
