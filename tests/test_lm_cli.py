@@ -75,3 +75,19 @@ def test_cli_names_a_missing_dataset_file(data_root, small_real_root, tmp_path):
     assert "c4-validation.00000-of-00008" in done.stderr and str(small_real_root / "c4") in done.stderr
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["status"] == "failed" and "c4_eval" in record["error"]
+
+
+@pytest.mark.slow
+def test_cli_full_protocol_on_the_real_files(data_root, tmp_path):
+    """The whole WikiText-2 test, PTB test and the C4 sample (standing in for C4 validation) at seqlen 256."""
+    model = convert_stories(data_root, tmp_path / "stories")
+    record = run_cli([
+        "model=hf_causal_lm", f"model.path={model}", "method=framequant", "bits=2", "redundancy=1.1",
+        "calib.nsamples=128", "calib.seqlen=256", "eval.seqlen=256", f"data.root={data_root}",
+        "data.c4_eval=c4/c4-train.00000-of-01024.first1000.jsonl", "eval.fp_baseline=true",
+    ], tmp_path)
+    assert record["status"] == "ok"
+    windows = {name: record["perplexity"][name]["windows"] for name in ("wikitext2", "c4", "ptb")}
+    assert windows["c4"] == 256 and windows["wikitext2"] > 2000 and windows["ptb"] > 700
+    for name in windows:
+        assert record["metrics"][f"fp_{name}_ppl"] < record["metrics"][f"{name}_ppl"] < 20 * record["metrics"][f"fp_{name}_ppl"]

@@ -17,12 +17,17 @@ import time
 from fqbench.data.text import DataFiles, calibration_windows, eval_tokens
 from fqbench.engine import capture_block_inputs, quantize_blocks, summarize
 from fqbench.eval.perplexity import perplexity
+from fqbench.methods import METHODS
 from fqbench.models.hf import load_causal_lm, max_positions
 
 log = logging.getLogger("fqbench")
 
 
 def run(cfg, method, device, output_dir) -> dict:
+    if hasattr(method, "quantize_model"):
+        layer_level = sorted(name for name, cls in METHODS.items() if not hasattr(cls, "quantize_model"))
+        raise ValueError(f"method {method.name!r} quantizes whole vision models; the language-model pipeline runs "
+                         f"layer-level methods: {', '.join(layer_level)}")
     source = cfg.model.get("path") or cfg.model.get("name")
     if not source:
         raise ValueError("the model config needs model.path (a local checkpoint directory) or model.name (a hub name)")
