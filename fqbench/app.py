@@ -138,10 +138,11 @@ def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> d
         record.update(device_info(device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        tracker.start(run_id=digest, name=job_label(choices or {}, resolved), group=cfg.name,
+                      job_type=(choices or {}).get("method") or "method",
+                      config={**resolved, "config_hash": digest, "choices": choices or {}})
         method = build_method(cfg.method)
         record["method"] = method.name
-        tracker.start(run_id=digest, name=job_label(choices or {}, resolved), group=cfg.name,
-                      job_type=method.name, config={**resolved, "config_hash": digest, "choices": choices or {}})
         if cfg.model.get("build") is not None:
             record["model_path"] = prepare_model(cfg)
         seed_everything(cfg.seed)
