@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +25,16 @@ from fqbench.report.specs import LLM_ROWS, METRICS, MODEL_SIZES, MODELS  # noqa:
 
 PRIMARY_METRICS = ("top1", "wikitext2", "c4", "pystdlib", "ptb")
 FIGURES = ("accuracy_vs_redundancy", "accuracy_vs_clip", "perplexity_vs_size", "pareto")
+
+
+def model_key(record: dict) -> str | None:
+    """The model of a record: its ``model`` option, plus a digest of its model config (the checkpoint's location
+    aside) so that e.g. two training recipes of the default model are two models."""
+    choice = (record.get("choices") or {}).get("model")
+    if choice is None:
+        return None
+    model = {k: v for k, v in (record.get("config") or {}).get("model", {}).items() if k != "path"}
+    return f"{choice}#{hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:6]}"
 
 
 def primary_metric(record: dict) -> str | None:
@@ -54,7 +66,7 @@ def _sweep(records, recipes, base_variant: str, axis: str):
         if not _same(method, base):
             continue
         metric = primary_metric(record)
-        model = (record.get("choices") or {}).get("model")
+        model = model_key(record)
         if metric is None or model is None:
             continue
         x = record["config"]["method"][axis]
@@ -72,13 +84,12 @@ def _line_plot(series, xlabel: str, title: str, note: str):
             if m != metric:
                 continue
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=_model_label(model))
+            ax.plot(xs, ys, marker="o", label=_model_label(model, [k for k, _ in series]))
         if metric is None:
             _empty(ax, note)
         else:
             ax.set_ylabel(METRICS[metric].label)
-            if not METRICS[metric].higher_is_better:
-                ax.set_yscale("log")
+            _scale(ax, METRICS[metric], [y for (_, m), points in series.items() if m == metric for _, y in points])
             ax.legend(fontsize=7)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -139,7 +150,7 @@ def _pareto(records, recipes):
     groups = defaultdict(list)
     for record in records:
         metric = primary_metric(record)
-        model = (record.get("choices") or {}).get("model")
+        model = model_key(record)
         if metric and model:
             groups[(model, metric)].append(record)
     keys = sorted(groups) or [None]
@@ -168,17 +179,20 @@ def _pareto(records, recipes):
                 if nominal is not None and abs(nominal - x) > 1e-6:
                     ax.scatter([nominal], [y], facecolors="none", edgecolors=color, zorder=3)
                     ax.plot([nominal, x], [y, y], color=color, linewidth=0.6, alpha=0.5)
+        if "fp" not in methods:  # the FP baseline the quantized jobs measured themselves
+            baselines = [v for v in (metric_value(r, spec, prefix="fp_") for r in groups[key]) if v is not None]
+            if baselines:
+                ax.axhline(sum(baselines) / len(baselines), color="gray", linestyle=":", label="full precision")
         front = _front(points, spec.higher_is_better)
         if front:
             ax.step(*zip(*front), where="post", color="black", linewidth=0.8, alpha=0.6, label="Pareto front")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
-        if not spec.higher_is_better:
-            ax.set_yscale("log")
+        _scale(ax, spec, [y for _, y in points])
         ax.set_xlabel("bits per weight (honest; hollow: nominal)")
         ax.set_ylabel(spec.label)
-        ax.set_title(_model_label(model), fontsize=9)
+        ax.set_title(_model_label(model, [k for k, _ in keys]), fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle("Quality against honest bits per weight")
     return fig
@@ -192,6 +206,13 @@ def _front(points, higher_is_better: bool):
             front.append((x, y))
             best = y
     return front
+
+
+def _scale(ax, metric, values) -> None:
+    """Perplexities spanning orders of magnitude (2-bit GPTQ) on a log axis; a narrow range stays linear."""
+    values = [v for v in values if v is not None and v > 0]
+    if not metric.higher_is_better and values and max(values) > 3 * min(values):
+        ax.set_yscale("log")
 
 
 def _panels(keys):
@@ -211,5 +232,9 @@ def _empty(ax, note: str):
     ax.set_yticks([])
 
 
-def _model_label(model: str) -> str:
-    return " ".join(MODELS[model]) if model in MODELS else model
+def _model_label(key: str, keys=()) -> str:
+    """``vit_s#ab12cd`` -> "ViT S"; the digest stays when one model option has several configs among ``keys``."""
+    choice, _, digest = key.partition("#")
+    name = " ".join(MODELS[choice]) if choice in MODELS else choice
+    twins = {k for k in keys if k.partition("#")[0] == choice}
+    return f"{name} ({digest})" if len(twins) > 1 else name
