@@ -164,7 +164,7 @@ def iter_records(root: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
         return
     paths = []
     for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in (".hydra", "wandb"))
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "wandb")  # .hydra, .submitit
         if RECORD_NAME in files:
             paths.append(Path(directory) / RECORD_NAME)
     for path in sorted(paths):
