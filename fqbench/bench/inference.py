@@ -141,16 +141,20 @@ def packed_variant(base: nn.Module, name: str, method: str, args, redundancy: fl
     model = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
     weights = sum(layer.out_features * layer.in_features for layer in layers.values())
     honest_bits = sum(layer.bits_per_weight * layer.out_features * layer.in_features for layer in layers.values())
-    for full_name, layer in layers.items():
-        owner, _, attr = full_name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, pack_module(layer, model.get_submodule(full_name).bias).to(device))
-    del layers
+    _replace_with_packed(model, layers, device)
+    del layers  # the unpacked codes: only the packed modules stay
     model.to(device)
     _warm_up(model, device)  # regenerated transforms are cast to the device on first use
     variant = Variant(name, model, honest_bits / weights, sizes=sizes)
     variant.weight_bytes = memory_in_use(device) - before
     variant.predicted_bytes = honest_bits / 8
     return variant
+
+
+def _replace_with_packed(model: nn.Module, layers: dict, device) -> None:
+    for full_name, layer in layers.items():
+        owner, _, attr = full_name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, pack_module(layer, model.get_submodule(full_name).bias).to(device))
 
 
 def saved_sizes(base: nn.Module, layers: dict, method: str) -> dict:
