@@ -155,7 +155,9 @@ def _pareto(records, recipes):
             groups[(model, metric)].append(record)
     keys = sorted(groups) or [None]
     fig, axes = _panels(keys)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_methods = sorted({r.get("method", "?") for key in groups for r in groups[key]})
+    color_of = {method: palette[i % len(palette)] for i, method in enumerate(all_methods)}  # one colour per method
     for ax, key in zip(axes, keys):
         if key is None:
             _empty(ax, "no finished records\n(python -m fqbench -m experiment=pareto)")
@@ -164,7 +166,8 @@ def _pareto(records, recipes):
         spec = METRICS[metric]
         methods = sorted({r.get("method", "?") for r in groups[key]})
         points = []
-        for color, method in zip(colors * 4, methods):
+        for method in methods:
+            color = color_of[method]
             for record in groups[key]:
                 if record.get("method") != method:
                     continue
