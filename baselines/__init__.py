@@ -3,4 +3,4 @@
 Importing this package registers its methods in ``fqbench.methods``.
 """
 
-from baselines import gptq, quip, rtn  # noqa: F401
+from baselines import gptq, ptq4vit, quip, rtn  # noqa: F401
