@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 
 def _status_kib(field: str) -> int:
@@ -104,8 +105,8 @@ def main(argv=None) -> None:
     header = "layers  model GiB  RSS before  peak RSS  added GiB  added/model  added/block  s/block"
     print(header + ("  accel peak GiB" if args.device.startswith("cuda") else ""))
     for layers in args.layers:
-        with context.Pool(1) as pool:
-            row = pool.apply(measure, (layers,), options)
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            row = pool.submit(measure, layers, **options).result()
         rows.append(row)
         line = (f"{layers:6d}  {_gib(row['model_bytes'])}     {_gib(row['rss_before'])}    {_gib(row['peak_rss'])}"
                 f"    {_gib(row['added_rss'])}     {row['added_rss'] / row['model_bytes']:8.2f}     "
