@@ -6,7 +6,7 @@
   implementation of the evaluated model), without random initialization.
 - ``timm``: ``{"architecture", "model_args", "num_classes", ...}`` as timm's own
   ``config.json``; rebuilt with ``timm.create_model(architecture, pretrained=False,
-  **model_args)``.
+  **model_args)`` with the saved ``pretrained_cfg`` (preprocessing) as its overlay.
 
 Weights are then filled in from the checkpoint; every parameter must be covered
 (checked when saving, on a model built on the meta device, and again when loading).
@@ -38,9 +38,12 @@ def describe_model(model: nn.Module, timm_name: str | None = None, timm_kwargs: 
     if timm_name is None:
         raise ValueError(f"cannot describe a {type(model).__name__} for saving: it is neither a Hugging Face "
                          f"PreTrainedModel nor a timm model (pass timm_name= and timm_kwargs= for timm models)")
-    # timm's own config.json keys, for readers; rebuilding uses architecture and model_args.
+    # timm's own config.json keys. The pretrained_cfg carries the preprocessing (input size, mean, std, crop),
+    # restored on load so that timm.data.resolve_model_data_config gives the evaluated model's transform.
+    pretrained = {k: v for k, v in (pretrained_cfg or {}).items() if k not in ("file", "state_dict", "hf_hub_id")}
     config = {"architecture": timm_name, "model_args": dict(timm_kwargs or {}),
-              "num_classes": getattr(model, "num_classes", None), "num_features": getattr(model, "num_features", None)}
+              "num_classes": getattr(model, "num_classes", None), "num_features": getattr(model, "num_features", None),
+              "pretrained_cfg": pretrained}
     return "timm", config
 
 
@@ -78,8 +81,11 @@ def _build_timm(config: dict, dtype, device) -> nn.Module:
     name = config.get("architecture")
     if not name:
         raise ValueError("config.json of a timm model needs 'architecture' (the timm model name)")
+    # JSON turned timm's tuples (input_size, mean, std) into lists
+    overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("pretrained_cfg") or {}).items()}
     with torch.device(device):
-        model = timm.create_model(name, pretrained=False, **config.get("model_args", {}))
+        model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay or None,
+                                  **config.get("model_args", {}))
     return model.to(dtype)
 
 

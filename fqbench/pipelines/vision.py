@@ -27,6 +27,10 @@ log = logging.getLogger("fqbench")
 
 
 def run(cfg, method, device, output_dir) -> dict:
+    save = bool(cfg.get("save", False))
+    if save and hasattr(method, "quantize_model"):
+        raise ValueError(f"save=true: {method.name} quantizes the whole model with activation hooks, which the "
+                         f"packed format (fqbench.packing) cannot store; use a layer-level method or save=false")
     layout = layout_for(cfg.model.family)
     model = load_timm_model(cfg.model)
     data_config = timm.data.resolve_model_data_config(model)
@@ -53,8 +57,9 @@ def run(cfg, method, device, output_dir) -> dict:
     else:
         units = layout.units(model)
         inputs = capture_block_inputs(model, units, batches, lambda m, x: m(x.to(device)), device)
-        records, _ = quantize_blocks(units, inputs, method, device=device, seed=cfg.seed,
-                                     true_sequential=cfg.engine.true_sequential, progress=progress)
+        records, kept = quantize_blocks(units, inputs, method, device=device, seed=cfg.seed,
+                                        true_sequential=cfg.engine.true_sequential, keep_layers=save,
+                                        progress=progress)
         del inputs
     quantize_seconds = time.perf_counter() - start
 
@@ -63,6 +68,13 @@ def run(cfg, method, device, output_dir) -> dict:
     metrics.update(top1=result["top1"], top5=result["top5"])
     log.info("top-1 %.2f%% top-5 %.2f%% on %d images%s", result["top1"], result["top5"], result["images"],
              f" (full precision: {metrics['fp_top1']:.2f}%)" if "fp_top1" in metrics else "")
+    eval_seconds = time.perf_counter() - start
+    saved = {}
+    if save:  # the evaluated model, packed: <output_dir>/packed (fqbench.packing)
+        from fqbench.packing import save_run
+
+        saved["packed"] = save_run(model, kept, method, output_dir, device=device, timm_name=cfg.model.name,
+                                   timm_kwargs=dict(cfg.model.get("kwargs") or {}))
     return {
         "metrics": metrics,
         "layers": [record.to_dict() for record in records],
@@ -78,7 +90,8 @@ def run(cfg, method, device, output_dir) -> dict:
         "eval_images": result["images"],
         "calib_nsamples": len(images),
         "quantize_seconds": quantize_seconds,
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": eval_seconds,
+        **saved,
     }
 
 
