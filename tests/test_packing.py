@@ -261,6 +261,28 @@ def test_activation_quantized_layers_round_trip(tmp_path):
         assert torch.equal(outputs(load_quantized(tmp_path / "packed", mode=mode), inputs), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_round_trip(dtype, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model, layout, _ = tiny_llama()
+    model = model.to(dtype).eval()  # .to() also casts the rotary frequencies, which are not saved
+    g = torch.Generator().manual_seed(0)
+    blocks = layout.find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, [model_inputs("llama", g, 1) for _ in range(2)], lambda m, s: m(**s),
+                                  "cpu")
+    method = build_method("framequant", bits=2, redundancy=1.1)
+    _, layers = quantize_blocks(blocks, inputs, method, device="cpu", keep_layers=True, progress=False)
+    save_quantized(model, layers, tmp_path / "packed", method=method)
+    loaded = load_quantized(tmp_path / "packed")
+    assert isinstance(loaded, LlamaForCausalLM) and loaded.dtype == dtype
+    inputs = model_inputs("llama", g)
+    assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+    packed = outputs(load_quantized(tmp_path / "packed", mode="packed"), inputs)
+    assert packed.dtype == dtype and torch.allclose(packed.float(), outputs(model, inputs).float(), atol=0.05)
+
+
 def test_config_records_method_version_and_frames(checkpoints):
     _, layers, directory = checkpoints("llama", "framequant")
     config = json.loads((directory / "config.json").read_text())

@@ -84,6 +84,8 @@ def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], director
     for name, layer in layers.items():
         _check_layer_in_model(model, name, layer, device)
         layer_tensors, metas[name] = pack_layer(layer)
+        weight = getattr(model.get_submodule(name), "weight", None)  # a fake-quantized nn.Linear's dtype
+        metas[name]["weight_dtype"] = None if weight is None else str(weight.dtype).removeprefix("torch.")
         tensors.update({f"{name}.{INFIX}.{key}": t for key, t in layer_tensors.items()})
     skeleton = build_model(library, model_config, dtype, attn, device="meta")
     _check_coverage(skeleton, {k: t for k, t in tensors.items() if not _is_quantized_key(k, metas)}, metas, aliases)
@@ -103,6 +105,7 @@ def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], director
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": attn,
         "tied_tensors": aliases,
+        "buffer_dtypes": _recomputed_buffer_dtypes(model),
         "bits_per_weight": sum(m["bits_per_weight"] * weights[n] for n, m in metas.items()) / total if total else None,
         "nominal_bits": sum(m["nominal_bits"] * weights[n] for n, m in metas.items()) / total if total else None,
         "layers": metas,
@@ -155,6 +158,14 @@ def _regular_tensors(model: nn.Module, layers: dict) -> tuple[dict[str, torch.Te
         stored[identity] = key
         tensors[key] = t.detach().cpu().contiguous()
     return tensors, aliases
+
+
+def _recomputed_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Dtypes of the floating-point buffers that are not saved (e.g. rotary frequencies): the rebuilt model
+    recomputes them, and must cast them as the evaluated model had them."""
+    saved = set(model.state_dict())
+    return {name: str(b.dtype).removeprefix("torch.") for name, b in model.named_buffers()
+            if name not in saved and b.is_floating_point()}
 
 
 def _check_layer_in_model(model: nn.Module, name: str, layer: QuantizedLayer, device) -> None:
@@ -283,6 +294,7 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
     aliases = qc.get("tied_tensors", {})
     _check_coverage(model, regular, metas, aliases)
     _assign(model, regular, aliases)
+    _cast_recomputed_buffers(model, qc.get("buffer_dtypes", {}))
 
     for name, meta in metas.items():
         linear = _submodule(model, name)
@@ -296,8 +308,9 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
         if getattr(layer, "act_bits", None) is not None:
             _replace(model, name, QuantizedLinear(layer, linear.bias))
         else:
+            dtype = getattr(torch, meta.get("weight_dtype") or "", linear.weight.dtype)
             with torch.no_grad():
-                linear.weight.data = layer.weight().to(linear.weight.dtype)
+                linear.weight.data = layer.weight().to(dtype)
     return model.to(device).eval()
 
 
@@ -351,6 +364,15 @@ def _assign(model: nn.Module, regular: dict[str, torch.Tensor], aliases: dict) -
             owner, _, attr = key.rpartition(".")
             module = model.get_submodule(owner) if owner else model
             getattr(module, attr).data = t
+
+
+def _cast_recomputed_buffers(model: nn.Module, dtypes: dict[str, str]) -> None:
+    for name, dtype in dtypes.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if module._buffers.get(attr) is None:
+            raise PackedFormatError(f"config.json lists buffer {name}, which the rebuilt model does not have")
+        module._buffers[attr] = module._buffers[attr].to(getattr(torch, dtype))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
