@@ -78,5 +78,5 @@ def test_default_run_without_arguments(tmp_path):
     check(stdout, record)
     (checkpoint,) = (tmp_path / "cache").glob("pystdlib-llama-*/fqbench_recipe.json")
     trained = json.loads(checkpoint.read_text())
-    assert trained["heldout_loss"] < 2.7  # nats per byte: well below the byte unigram entropy of Python code
-    assert record["metrics"]["fp_pystdlib_ppl"] < 16
+    assert trained["heldout_loss"] < 2.2  # nats per byte (1.66 measured); a byte-unigram model gets ~3.1
+    assert record["metrics"]["fp_pystdlib_ppl"] < 8  # 4.9 measured

@@ -47,6 +47,7 @@ class Recipe:
     steps: int
     lr: float
     warmup: int
+    final_lr: float  # the learning rate at the end of the cosine decay, as a fraction of lr
     weight_decay: float
     seed: int
 
@@ -164,7 +165,8 @@ def train(recipe: Recipe, out_dir: Path) -> dict:
 
 def _learning_rate(recipe: Recipe, step: int) -> float:
     warm = min(1.0, (step + 1) / recipe.warmup)
-    return recipe.lr * warm * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+    decay = 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+    return recipe.lr * warm * (recipe.final_lr + (1 - recipe.final_lr) * decay)
 
 
 def _heldout_loss(model, ids: torch.Tensor, seqlen: int, windows: int = 32) -> float:
