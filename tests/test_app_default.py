@@ -2,7 +2,7 @@
 
 The literal no-argument run trains the default model first (a couple of minutes on
 two cores on a fresh machine), so the default suite runs it with a shorter training
-schedule (`model.build.steps=2`, 32 calibration windows): the same corpus, model
+schedule (`model.build.steps=2`, 32 calibration windows, one thread): the same corpus, model
 architecture, method (FrameQuant, 2 bits, r = 1.1), FP baseline and output. The
 literal run, training included, is the slow test.
 """
@@ -68,7 +68,7 @@ def check(stdout: str, record: dict) -> None:
 
 
 def test_default_run_offline_with_short_training(tmp_path):
-    stdout, record = run_offline(tmp_path, "model.build.steps=2", "model.build.warmup=1", "calib.nsamples=32")
+    stdout, record = run_offline(tmp_path, "model.build.steps=2", "model.build.warmup=1", "calib.nsamples=32", "threads=1")
     check(stdout, record)
 
 

@@ -52,9 +52,8 @@ def test_a_rerun_resumes_the_same_run_id_and_a_failure_exits_nonzero(tmp_path, m
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_once(tmp_path)
     run_once(tmp_path, failed=True)
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith("-0123456789abcdef") for r in runs)
-    assert [read_run(r)["exit_code"] for r in runs] == [0, 1]
+    runs = [read_run(r) for r in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+    assert [(r["id"], r["exit_code"]) for r in runs] == [("0123456789abcdef", 0), ("0123456789abcdef", 1)]
 
 
 def test_tracking_none_logs_nothing(tmp_path):
