@@ -9,6 +9,7 @@ BENCHMARKS = {
     "layers": "fqbench.bench.layers",
     "inference": "fqbench.bench.inference",
     "lm_memory": "fqbench.bench.lm_memory",
+    "lm_samples": "fqbench.bench.lm_samples",
     "orchestration": "fqbench.bench.orchestration",
 }
 
