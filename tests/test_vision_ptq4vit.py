@@ -114,7 +114,8 @@ def small_model(name):
                            "+model.kwargs.embed_dim=32", "+model.kwargs.img_size=32", "+model.kwargs.window_size=4",
                            "+model.kwargs.num_classes=10")
     else:
-        cfg = model_config(name, "+model.kwargs.depth=2", "+model.kwargs.img_size=32", "+model.kwargs.num_classes=10")
+        cfg = model_config(name, "+model.kwargs.depth=2", "+model.kwargs.img_size=32", "+model.kwargs.embed_dim=64",
+                           "+model.kwargs.num_heads=2", "+model.kwargs.num_classes=10")
     torch.manual_seed(0)
     return load_timm_model(cfg), layout_for(cfg.family)
 

@@ -30,7 +30,7 @@ log = logging.getLogger("fqbench")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 RECIPE = {
-    "epochs": 10,
+    "epochs": 8,
     "batch_size": 64,
     "lr": 3e-3,
     "weight_decay": 0.05,
