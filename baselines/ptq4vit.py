@@ -219,7 +219,10 @@ class PTQ4ViT(Method):
     def quantize_model(self, model: nn.Module, layout, batches: Sequence[torch.Tensor], *, device,
                        seed: int = 0, progress: bool = True) -> list:
         """Calibrate every linear of the layout's units (and, with ``act_bits``, the activations), then
-        put the quantized weights and activation quantizers in place. Returns per-layer records."""
+        put the quantized weights and activation quantizers in place. Returns per-layer records.
+
+        ``seed`` is part of the model-level interface; this method draws no random numbers.
+        """
         c = self.config
         model.to(device).eval()
         batches = [b.to(device) for b in batches]

@@ -1,6 +1,6 @@
 """Train the small evidence ViT on real MNIST digits and cache it as a timm checkpoint.
 
-    python -m fqbench.tools.train_vit [--data DIR] [--force]
+    python -m fqbench.tools.train_vit [--data DIR] [--force] [model.kwargs.embed_dim=64 ...]
 
 The architecture and preprocessing are those of ``conf/model/mnist_vit.yaml``
 (so the vision pipeline rebuilds exactly this model and loads the weights
@@ -8,7 +8,9 @@ through timm's loader with ``model=mnist_vit``); the training images are the
 ``train`` split of ``fqbench.data.mnist`` (the held-out digits are never seen).
 The checkpoint goes to ``$FQBENCH_CACHE/mnist_vit/model.safetensors``
 (default ``~/.cache/fqbench``) with ``recipe.json`` beside it; a cached model
-whose recipe matches is reused.
+whose recipe matches is reused. Config overrides train a variant of the
+architecture into ``mnist_vit-<recipe key>/`` instead (the path is printed: pass
+it as ``model.checkpoint`` with the same overrides).
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ RECIPE = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FQBENCH_CACHE") or "~/.cache/fqbench").expanduser() / "mnist_vit"
+    return Path(os.environ.get("FQBENCH_CACHE") or "~/.cache/fqbench").expanduser()
 
 
-def model_config():
+def model_config(overrides=()):
     """The composed ``model=mnist_vit`` config (random init: the weights are what we train)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=mnist_vit", "model.pretrained=false",
-                                                        "model.checkpoint=null"])
+                                                        "model.checkpoint=null", *overrides])
     return cfg.model
 
 
@@ -59,11 +61,11 @@ def recipe_key(model_cfg) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_trained(data_root: str | os.PathLike, *, force: bool = False, progress: bool = True) -> Path:
+def ensure_trained(data_root: str | os.PathLike, overrides=(), *, force: bool = False, progress: bool = True) -> Path:
     """The cached checkpoint, training it first when it is missing or its recipe changed."""
-    model_cfg = model_config()
+    model_cfg = model_config(overrides)
     key = recipe_key(model_cfg)
-    folder = cache_dir()
+    folder = cache_dir() / ("mnist_vit" if not overrides else f"mnist_vit-{key}")
     checkpoint, meta = folder / "model.safetensors", folder / "recipe.json"
     if not force and checkpoint.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         return checkpoint
@@ -149,12 +151,13 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=os.environ.get("FQBENCH_DATA"),
                         help="data root holding mnist/ (default: $FQBENCH_DATA)")
     parser.add_argument("--force", action="store_true", help="retrain even when a cached model matches the recipe")
+    parser.add_argument("overrides", nargs="*", help="model config overrides, e.g. model.kwargs.embed_dim=64")
     args = parser.parse_args(argv)
     if not args.data:
         parser.error("give --data DIR (the folder holding mnist/) or set FQBENCH_DATA")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.nice(10)  # the training loop is CPU-bound: yield to interactive work
-    print(ensure_trained(args.data, force=args.force))
+    print(ensure_trained(args.data, args.overrides, force=args.force))
 
 
 if __name__ == "__main__":
