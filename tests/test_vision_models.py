@@ -107,3 +107,15 @@ def test_missing_checkpoint_names_the_file_and_the_fix(tmp_path):
     cfg = model_config("vit_t", f"model.checkpoint={tmp_path}/nope.safetensors")
     with pytest.raises(FileNotFoundError, match="nope.safetensors: no such file"):
         load_timm_model(cfg)
+
+
+def test_units_of_a_model_with_packed_linears():
+    """A loaded packed checkpoint has PackedLinear/FrameLinear in place of nn.Linear: the layout still finds them."""
+    from fqbench.packing import pack_module
+
+    model = load_timm_model(reduced("vit_t"))
+    qkv = model.blocks[0].attn.qkv
+    qlayer = build_method("framequant", bits=2).quantize(qkv.weight.detach(), torch.eye(qkv.in_features))
+    model.blocks[0].attn.qkv = pack_module(qlayer, qkv.bias.detach())
+    units = layout_for("vit").units(model)
+    assert units[0].module.attn.qkv is model.blocks[0].attn.qkv and len(units) == 2

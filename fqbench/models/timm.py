@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fqbench.models.layout import Block
+from fqbench.models.layout import Block, is_linear
 
 BLOCK_GROUPS = (("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",))
 
@@ -56,7 +56,7 @@ class TimmLayout:
                     units.append(Block(f"{prefix}.{self.downsample}", merge, self.downsample_groups))
                 units += _blocks(stage, self.blocks, self.groups, prefix)
         for unit in units:
-            missing = [n for n in unit.linears() if not isinstance(_find(unit.module, n), nn.Linear)]
+            missing = [n for n in unit.linears() if not is_linear(_find(unit.module, n))]
             if missing:
                 raise ValueError(f"{unit.name}: expected nn.Linear modules {missing}; "
                                  f"the layout does not match this model ({type(model).__name__})")
