@@ -79,14 +79,14 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench_layer(out_features, in_features, bits, methods, samples, device, repeats):
+def bench_layer(out_features, in_features, bits, methods, samples, device, repeats, warmup=1):
     W, H, X = llm_like_layer(out_features, in_features, samples, device=device)
     shape = f"{out_features}x{in_features}"
     rows = []
     for name, options in methods:
         label = name + "".join(f" {k}={v}" for k, v in options.items())
         best = float("inf")
-        for _ in range(repeats):
+        for attempt in range(warmup + repeats):
             if name == "gptq_reference":
                 grid = build_method("gptq", bits=bits).config.grid()
                 W_hat, seconds = _timed(lambda: reference_gptq(W, H, grid))
@@ -95,7 +95,8 @@ def bench_layer(out_features, in_features, bits, methods, samples, device, repea
                 method = build_method(name, bits=bits, **options)
                 layer, seconds = _timed(lambda: method.quantize(W, H))
                 W_hat, bits_per_weight = layer.weight(), layer.bits_per_weight
-            best = min(best, seconds)
+            if attempt >= warmup:  # warm-up calls pay one-time costs (kernel loading, allocator growth)
+                best = min(best, seconds)
         rows.append(Row(shape, label, held_out_error(W, W_hat, X), best, bits_per_weight))
     gptq = next(r for r in rows if r.method == "gptq")
     for r in rows:
@@ -124,7 +125,8 @@ def main(argv=None):
                         help="comma-separated OUTxIN layer shapes (add 11008x4096 on a GPU)")
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--samples", type=int, default=0, help="calibration tokens (default: 2 x in_features)")
-    parser.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the best")
+    parser.add_argument("--repeats", type=int, default=3, help="time each method this many times, keep the best")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each method before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -133,7 +135,8 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         out_features, in_features = (int(v) for v in shape.lower().split("x"))
         samples = args.samples or 2 * in_features
-        rows = bench_layer(out_features, in_features, args.bits, DEFAULT_METHODS, samples, args.device, args.repeats)
+        rows = bench_layer(out_features, in_features, args.bits, DEFAULT_METHODS, samples, args.device, args.repeats,
+                           args.warmup)
         print(format_table(rows), flush=True)
         all_rows += rows
     print(f"\ndevice: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, bits {args.bits}")

@@ -1,0 +1,23 @@
+"""The layer benchmark: every method on the same layer, ratios against GPTQ from the same process."""
+
+import json
+
+import pytest
+
+from fqbench.bench.layers import DEFAULT_METHODS, main
+
+
+def test_layer_benchmark_reports_every_method_as_ratios_to_gptq(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    main(["--shapes", "96x128", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(DEFAULT_METHODS)
+    by_method = {r["method"]: r for r in rows}
+    gptq = by_method["gptq"]
+    assert gptq["error_vs_gptq"] == 1.0 and gptq["time_vs_gptq"] == 1.0
+    # The reference implementation solves the same problem: the same held-out error (float rounding aside).
+    assert by_method["gptq_reference"]["proxy_error"] == pytest.approx(gptq["proxy_error"], rel=1e-3)
+    assert by_method["rtn"]["error_vs_gptq"] > 1
+    assert by_method["framequant redundancy=1.1"]["bits_per_weight"] > by_method["framequant redundancy=1.0"]["bits_per_weight"]
+    assert all(r["seconds"] > 0 for r in rows)
+    assert "| 96x128 | framequant redundancy=1.0 |" in capsys.readouterr().out
