@@ -55,6 +55,9 @@ class FrameOperator:
 
     def analysis(self, x: torch.Tensor) -> torch.Tensor:
         """``A x`` for every row vector: (..., dim) -> (..., num_coefficients)."""
+        # Elementwise ops keep a transposed input's strides, and every reshape after
+        # them would copy: one copy up front is about 3x faster on a transposed weight.
+        x = x.contiguous()
         if self.padded_dim != self.dim:
             x = F.pad(x, (0, self.padded_dim - self.dim))
         x = self.rotation.apply(x)
@@ -62,6 +65,7 @@ class FrameOperator:
 
     def synthesis(self, c: torch.Tensor) -> torch.Tensor:
         """``A^T c`` for every row vector: (..., num_coefficients) -> (..., dim)."""
+        c = c.contiguous()
         if self.frame is not None:
             c = self.frame.synthesis(c)
         x = self.rotation.apply_transpose(c)

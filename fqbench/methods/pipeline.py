@@ -32,17 +32,16 @@ class Transforms:
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, solver: SolverOptions,
                     clip_sigma: float | None = None, transforms: Transforms | None = None) -> QuantizedLayer:
-    W = W.to(torch.float64)
     H = H.to(W.device, torch.float64)
     if transforms is None:
-        result = gptq_solve(_clip(W, clip_sigma), H, grid, solver)
+        result = gptq_solve(_clip(W.to(torch.float64), clip_sigma), H, grid, solver)
         layer = _grid_layer(result, grid)
         layer.info.update(damping=result.damping, hinv_dtype=str(result.hinv_dtype))
         return layer
 
     input_scale = None
     if transforms.rescale:
-        W, H, input_scale = _rescale(W, H)
+        W, H, input_scale = _rescale(W.to(torch.float64), H)
     if transforms.hessian_reg is not None:
         n = H.shape[0]
         H = H * (n / torch.trace(H).clamp(min=1e-30))
