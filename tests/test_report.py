@@ -143,3 +143,20 @@ def test_figures_from_sweeps(tmp_path, make_record):
     assert all(p.stat().st_size > 10_000 for p in paths)
     empty = write_figures([], tmp_path / "empty")
     assert all(p.stat().st_size > 5_000 for p in empty)  # a figure that says what to run
+
+
+def test_sizes_table_reads_the_packed_checkpoint_sizes(tmp_path, make_record):
+    packed = {"bytes": 2.31e9, "fp16_bytes": 13.5e9, "bits_per_weight": 2.56}
+    write(tmp_path, "a", make_record("llama2_7b", ["variant=fq_w2_r1.1", "save=true"], {"wikitext2_ppl": 14.9},
+                                     packed=packed))
+    write(tmp_path, "b", make_record("llama2_13b", ["variant=gptq_w2", "save=true"], {"wikitext2_ppl": 1e3},
+                                     packed={"bytes": 3.6e9, "fp16_bytes": 26.0e9, "bits_per_weight": 2.02}))
+    write(tmp_path, "c", make_record("llama2_13b", ["variant=fq_w2_r1.0"], {"wikitext2_ppl": 9.0}))  # not saved
+    table = build(TABLES["table6"], finished_records(tmp_path))
+    assert table.cell("fp16", "llama2_7b").ours == pytest.approx(13.5)
+    assert table.cell("fq_w2_r1.1:packed_gb", "llama2_7b").ours == pytest.approx(2.31)
+    assert table.cell("fq_w2_r1.1:packed_bits", "llama2_7b").ours == pytest.approx(2.56)
+    assert table.cell("gptq_w2:packed_gb", "llama2_13b").ours == pytest.approx(3.6)
+    assert table.cell("fq_w2_r1.0:packed_gb", "llama2_13b").ours is None
+    assert table.cell("fq_w2_r1.1:packed_gb", "llama2_7b").paper is None  # the paper's text lost these numbers
+    assert "| FrameQuant (r = 1.1) | 2.2 | 2.31 / – |  |" in to_markdown(table)

@@ -89,7 +89,7 @@ def select(records: list[dict], selection: dict, recipes: Recipes) -> list[dict]
 
 
 def metric_value(record: dict, metric: Metric, prefix: str = "") -> float | None:
-    value = _lookup(record.get("metrics") or {}, prefix + metric.path)
+    value = _lookup(record.get(metric.section) or {}, prefix + metric.path)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     return float(value) * metric.scale

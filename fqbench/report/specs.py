@@ -17,6 +17,7 @@ class Metric:
     label: str
     scale: float = 1.0  # multiplies the recorded value (fractions -> percent)
     higher_is_better: bool = True
+    section: str = "metrics"  # the record key the path starts from ("packed": the saved checkpoint's sizes)
 
 
 METRICS = {
@@ -27,6 +28,11 @@ METRICS = {
     "pystdlib": Metric("pystdlib_ppl", "Python stdlib held-out perplexity", higher_is_better=False),
     **{task: Metric(f"{task}_acc", f"{task} accuracy (%)", scale=100.0)
        for task in ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")},
+    # Sizes of the packed checkpoint a save=true job wrote, measured from its files (fqbench.packing.sizes).
+    "packed_gb": Metric("bytes", "packed checkpoint (GB)", scale=1e-9, higher_is_better=False, section="packed"),
+    "fp16_gb": Metric("fp16_bytes", "FP16 checkpoint (GB)", scale=1e-9, higher_is_better=False, section="packed"),
+    "packed_bits": Metric("bits_per_weight", "bits per quantized weight, from the files", higher_is_better=False,
+                          section="packed"),
 }
 
 
@@ -64,12 +70,12 @@ MODELS = {
     "swin_s": ("Swin", "S"), "swin_b": ("Swin", "B"), "swin_b384": ("Swin", "B/384"), "swin_l": ("Swin", "L"),
     "opt_125m": ("OPT", "125M"), "opt_350m": ("OPT", "350M"), "opt_1.3b": ("OPT", "1.3B"),
     "opt_2.7b": ("OPT", "2.7B"), "opt_6.7b": ("OPT", "6.7B"),
-    "llama2_7b": ("Llama2", "7B"), "llama2_70b": ("Llama2", "70B"),
+    "llama2_7b": ("Llama2", "7B"), "llama2_13b": ("Llama2", "13B"), "llama2_70b": ("Llama2", "70B"),
 }
 
 # Parameter counts of the paper's language models (the x axis of perplexity against model size).
 MODEL_SIZES = {"opt_125m": 125e6, "opt_350m": 350e6, "opt_1.3b": 1.3e9, "opt_2.7b": 2.7e9, "opt_6.7b": 6.7e9,
-               "llama2_7b": 7e9, "llama2_70b": 70e9}
+               "llama2_7b": 7e9, "llama2_13b": 13e9, "llama2_70b": 70e9}
 
 
 def model_columns(*names: str) -> tuple[tuple[Line, ...], tuple[tuple[str, int], ...]]:
@@ -161,6 +167,14 @@ TABLES: dict[str, TableSpec] = {t.id: t for t in (
     _table("table13", "C4 perplexity of 2-bit quantized LLMs", "table13_llm_c4", LLM_ROWS,
            ("opt_125m", "opt_350m", "opt_1.3b", "opt_2.7b", "opt_6.7b", "llama2_7b", "llama2_70b"),
            select={"metric": "c4"}),
+    _table("table6", "Sizes of packed checkpoints (GB on disk, from the files) against the FP16 original",
+           "table6_sizes",
+           (Line("fp16", "Original model (FP16)", {"variant": "fq_w2_r1.1", "metric": "fp16_gb"}, ("16",)),
+            *(Line(f"{variant}:{metric}", f"{label}{suffix}", {"variant": variant, "metric": metric}, (bits,))
+              for variant, label, bits in (("gptq_w2", "GPTQ", "2"), ("fq_w2_r1.0", "FrameQuant (r = 1.0)", "2"),
+                                           ("fq_w2_r1.1", "FrameQuant (r = 1.1)", "2.2"))
+              for metric, suffix in (("packed_gb", ""), ("packed_bits", ": bits per weight")))),
+           ("llama2_7b", "llama2_13b"), row_header=("Model", "#bits")),
     TableSpec("table14", "Llama2-7B zero-shot accuracy (%) on downstream tasks (lm-evaluation-harness)",
               "table14_downstream", LLM_ROWS,
               tuple(Line(task, label, {"metric": task}) for task, label in (
