@@ -44,6 +44,18 @@ def synthetic_layer(out_features=96, in_features=128, samples=2048, *, correlate
     return W, H, X_test
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny layers and models: one thread avoids OpenMP spinning on a shared CPU (restored afterwards).
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def layer_factory():
     return synthetic_layer

@@ -10,13 +10,7 @@ from fqbench.packing.kernels import decode_codes, lut_matmul
 from fqbench.packing.bits import pack_bits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls: one thread avoids OpenMP spinning on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def identity_hessian_layer(name, out_features, in_features, seed=0, **options):

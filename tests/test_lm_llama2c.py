@@ -17,12 +17,7 @@ from fqbench.models.hf import load_causal_lm
 from fqbench.tools.llama2c import Llama2cConfig, convert, read_checkpoint, rotary_permutation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

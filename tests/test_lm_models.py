@@ -17,13 +17,7 @@ from fqbench.models.hf import ADAPTERS, LLAMA, OPT, adapter_for, load_causal_lm
 from fqbench.pipelines import lm as lm_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny layers run faster on one thread than on two contended ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])

@@ -27,13 +27,7 @@ from fqbench.packing.format import pack_layer, unpack_layer
 from fqbench.packing.safetensors_file import file_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spinning on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- bit packing -------------------------------------------------------------------------

@@ -166,18 +166,35 @@ class TransformedLayer(QuantizedLayer):
         return stored
 
 
-class QuantizedLinear(nn.Module):
-    """A model's linear layer running its quantized weight map, with the full-precision bias."""
+class BiasedLinear(nn.Module):
+    """A model's linear layer: a quantized weight map of ``x`` plus the full-precision bias.
 
-    def __init__(self, layer: QuantizedLayer, bias: torch.Tensor | None):
+    Subclasses implement ``weight_map``; ``in_features``/``out_features`` let model
+    layouts recognise the module as a linear layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
-        self.qlayer = layer
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    def weight_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.qlayer(x)
+        y = self.weight_map(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QuantizedLinear(BiasedLinear):
+    """A model's linear layer running its quantized layer (fake-quantized, as evaluated)."""
+
+    def __init__(self, layer: QuantizedLayer, bias: torch.Tensor | None):
+        super().__init__(layer.in_features, layer.out_features, bias)
+        self.qlayer = layer
+
+    def weight_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qlayer(x)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqbench.frames.operator import FrameOperator
-from fqbench.methods.layers import QuantizedLayer, quantize_per_token
+from fqbench.methods.layers import BiasedLinear, QuantizedLayer, quantize_per_token
 from fqbench.packing.format import check_tensors, grid_parameters, pack_layer, unpack_operators
 from fqbench.packing.kernels import decode_codes, lut_matmul, lut_supported
 
@@ -91,34 +91,29 @@ class PackedMatrix(nn.Module):
         return f"{self.rows}x{self.cols}, {self.bits} bits, {self.groups} group(s), lut={self.lut_ok}"
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(BiasedLinear):
     """A grid-quantized linear layer (GPTQ, RTN, GPTQ + clip) kept packed."""
 
     def __init__(self, matrix: PackedMatrix, bias: torch.Tensor | None):
-        super().__init__()
+        super().__init__(matrix.cols, matrix.rows, bias)
         self.matrix = matrix
-        self.in_features, self.out_features = matrix.cols, matrix.rows
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matrix(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+    def weight_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matrix(x)
 
 
-class FrameLinear(nn.Module):
+class FrameLinear(BiasedLinear):
     """``y = A_out^T D_hat A_in diag(input_scale) x + b``, run in frame space with packed ``D_hat``."""
 
     def __init__(self, in_op: FrameOperator, matrix: PackedMatrix, out_op: FrameOperator,
                  input_scale: torch.Tensor | None, act_bits: int | None, bias: torch.Tensor | None):
-        super().__init__()
+        super().__init__(in_op.dim, out_op.dim, bias)
         self.in_op, self.out_op = in_op, out_op
-        self.in_features, self.out_features = in_op.dim, out_op.dim
         self.act_bits = act_bits
         self.matrix = matrix
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weight_map(self, x: torch.Tensor) -> torch.Tensor:
         # The same sequence of operations as TransformedLayer.forward, with D_hat packed.
         dtype = x.dtype
         x = x.float()
@@ -127,8 +122,7 @@ class FrameLinear(nn.Module):
         coefficients = self.in_op.analysis(x)
         if self.act_bits is not None:
             coefficients = quantize_per_token(coefficients, self.act_bits)
-        y = self.out_op.synthesis(self.matrix(coefficients)).to(dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self.out_op.synthesis(self.matrix(coefficients)).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}\n"
