@@ -29,12 +29,11 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
     if torch.isfinite(t.abs().amax()):
         return
     bad = ~torch.isfinite(t)
-    if bad.any():
-        where = [tuple(i) for i in torch.nonzero(bad)[:3].tolist()]
-        raise ValueError(
-            f"{name} contains {int(bad.sum())} NaN/Inf values (first at {where}); "
-            f"check the layer's weights and the calibration activations"
-        )
+    where = [tuple(i) for i in torch.nonzero(bad)[:3].tolist()]
+    raise ValueError(
+        f"{name} contains {int(bad.sum())} NaN/Inf values (first at {where}); "
+        f"check the layer's weights and the calibration activations"
+    )
 
 
 def _describe(t) -> str:
