@@ -26,7 +26,7 @@ def validate_layer_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
     # One reduction, no boolean copy: amax propagates NaN, and |x| of finite values stays finite.
-    if torch.isfinite(t.abs().amax()):
+    if t.numel() == 0 or torch.isfinite(t.abs().amax()):
         return
     bad = ~torch.isfinite(t)
     where = [tuple(i) for i in torch.nonzero(bad)[:3].tolist()]
