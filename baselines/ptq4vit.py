@@ -27,8 +27,10 @@ the reference code adds both ranges' outputs); attention quantizers are scored
 on the attention context (the output projection's input); patch embedding and
 head stay in full precision as for every method of the suite.
 
-This is a model-level method: the vision pipeline calls ``quantize_model``
-instead of the layer-by-layer engine.
+This is a model-level method (``ModelMethod``): the engine calls ``quantize_model``
+instead of quantizing layer by layer. The weights are stored as symmetric grids (one
+step per q/k/v block), the activation quantizers as modules of the model
+(``fqbench.quantized.activations``), so a W/A model saves and reloads packed.
 """
 
 from __future__ import annotations
@@ -42,18 +44,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fqbench.methods.layers import GridLayer
-from fqbench.methods.registry import Method, register_method
+from fqbench.methods.registry import ModelMethod, register_method
 from fqbench.quant.checks import proxy_error
-from fqbench.quant.grids import SCALE_BITS, check_bits
+from fqbench.quant.grids import check_bits
+from fqbench.quantized import GridWeight, QuantLinear
+from fqbench.quantized.activations import (
+    TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, check_act_bits, twin_gelu_quantize, uniform_quantize,
+)
+from fqbench.records import LayerRecord
 
-GELU_MIN = 0.16997124254703522  # -min GELU(x): the post-GELU negative range
 SOFTMAX_SPLITS = 20  # post-softmax split candidates 2^0 .. 2^-19
 METRICS = ("hessian", "mse")
 TOKEN_CHUNK = 16384  # rows per matmul while scoring candidates (bounds temporary memory)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PTQ4ViTConfig:
     bits: int = 2
     act_bits: int | None = None  # None: weight-only (the FrameQuant paper's comparison)
@@ -67,8 +72,8 @@ class PTQ4ViTConfig:
         check_bits(self.bits)
         if self.bits < 2:
             raise ValueError(f"bits={self.bits}: a symmetric signed quantizer needs at least 2 bits")
-        if self.act_bits is not None and not 2 <= self.act_bits <= 16:
-            raise ValueError(f"act_bits={self.act_bits!r}: use 2..16 bits, or None for weight-only quantization")
+        if self.act_bits is not None:
+            check_act_bits(self.act_bits)
         if not 0 < self.alpha < self.beta:
             raise ValueError(f"alpha={self.alpha}, beta={self.beta}: need 0 < alpha < beta (candidate scale factors)")
         if self.candidates < 1 or self.rounds < 1:
@@ -82,31 +87,6 @@ class PTQ4ViTConfig:
 
 
 # --- quantizers -----------------------------------------------------------------------------------
-
-def uniform_quantize(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
-    """Symmetric signed uniform quantization with step ``delta``."""
-    q = 2 ** (bits - 1)
-    return torch.clamp(torch.round(x / delta), -q, q - 1) * delta
-
-
-def twin_softmax_quantize(x: torch.Tensor, split, bits: int) -> torch.Tensor:
-    """Post-softmax twin quantizer: values up to ``split`` on a fine (k-1)-bit grid over ``[0, split]``,
-    larger ones on a coarse (k-1)-bit grid over ``[0, 1]``."""
-    steps = 2 ** (bits - 1) - 1
-    split = torch.as_tensor(split, dtype=x.dtype, device=x.device)
-    fine = torch.round(torch.minimum(x.clamp(min=0), split) * (steps / split)) * (split / steps)
-    coarse = torch.round(x.clamp(0, 1) * steps) / steps
-    return torch.where(x <= split, fine, coarse)
-
-
-def twin_gelu_quantize(x: torch.Tensor, delta_pos, bits: int) -> torch.Tensor:
-    """Post-GELU twin quantizer: negative values on the fixed range ``[-0.17, 0]``, positive ones with ``delta_pos``."""
-    q = 2 ** (bits - 1)
-    delta_neg = GELU_MIN / q
-    negative = torch.clamp(torch.round(x / delta_neg), -q, 0) * delta_neg
-    positive = torch.clamp(torch.round(x / delta_pos), 0, q - 1) * delta_pos
-    return torch.where(x < 0, negative, positive)
-
 
 def search_scale(current: torch.Tensor, candidates: Iterable[torch.Tensor],
                  score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,21 +106,14 @@ def search_scale(current: torch.Tensor, candidates: Iterable[torch.Tensor],
     return best, best_score
 
 
-class SymmetricLayer(GridLayer):
+def symmetric_weight(W: torch.Tensor, deltas: torch.Tensor, bits: int) -> GridWeight:
     """Symmetric codes with one float16 step per block of rows: ``W_hat = delta_b * (codes - 2^(k-1))``."""
-
-    def __init__(self, W: torch.Tensor, deltas: torch.Tensor, bits: int):
-        blocks = deltas.numel()
-        scale = deltas.float().repeat_interleave(W.shape[0] // blocks)[:, None]
-        q = 2 ** (bits - 1)
-        codes = torch.clamp(torch.round(W.float() / scale), -q, q - 1) + q
-        super().__init__(codes, scale, torch.full_like(scale, q), torch.zeros(W.shape[1], dtype=torch.long),
-                         bits, integer_zero=True)
-        self.blocks = blocks
-
-    def storage(self) -> dict[str, int]:
-        # The zero point is implied by the symmetric grid; one step per block.
-        return {"codes": self.codes.numel() * self.bits, "scale": self.blocks * SCALE_BITS}
+    blocks = deltas.numel()
+    scale = deltas.float().repeat_interleave(W.shape[0] // blocks)[:, None]
+    q = 2 ** (bits - 1)
+    codes = torch.clamp(torch.round(W.float() / scale), -q, q - 1) + q
+    return GridWeight.fit(codes, scale, torch.full_like(scale, q), torch.zeros(W.shape[1], dtype=torch.long),
+                          bits=bits, integer_zero=True, scale_rows=blocks, zero_value=float(q))
 
 
 # --- recording a unit on the full-precision model -------------------------------------------------
@@ -208,19 +181,16 @@ def _record(model, unit, names: Sequence[str], attention: str | None, input_grad
 # --- the method -----------------------------------------------------------------------------------
 
 @register_method("ptq4vit")
-class PTQ4ViT(Method):
+class PTQ4ViT(ModelMethod):
     Config = PTQ4ViTConfig
-
-    def _quantize(self, W, H, seed):
-        raise TypeError("ptq4vit is a model-level method (its scale search needs activations and gradients, "
-                        "not only W and H): run it through the vision pipeline, e.g. "
-                        "python -m fqbench model=vit_s method=ptq4vit")
 
     def quantize_model(self, model: nn.Module, layout, batches: Sequence[torch.Tensor], *, device,
                        seed: int = 0, progress: bool = True) -> list:
-        """Calibrate every linear of the layout's units (and, with ``act_bits``, the activations), then
-        put the quantized weights and activation quantizers in place. Returns per-layer records.
+        """Calibrate every linear of the adapter's blocks (and, with ``act_bits``, the activations), then
+        put the quantized weights and activation quantizers in place. Returns per-layer records and the
+        quantized weights by full linear name.
 
+        ``layout``: the timm adapter (``fqbench.models.timm.TimmAdapter``), which names the attention's parts.
         ``seed`` is part of the model-level interface; this method draws no random numbers.
         """
         c = self.config
@@ -232,8 +202,12 @@ class PTQ4ViT(Method):
         try:
             with torch.no_grad():
                 labels = [model(b).argmax(dim=-1) for b in batches]  # the FP model's predictions
-            plans, records = [], []
-            units = layout.units(model)
+            plans, records, layers = [], [], {}
+            units = layout.blocks(model)
+            implicit = [u.name for u in units if u.groups is None]
+            if implicit:
+                raise ValueError(f"{self.name} needs the linears of every block named by the model family "
+                                 f"(model.family=vit or swin); {implicit[0]} has none")
             bar = tqdm(units, desc=f"calibrating ({self.name})", unit="block", disable=not progress)
             for unit in bar:
                 attention = layout.attention if (c.act_bits is not None and _has(unit.module, layout.attention)) else None
@@ -241,9 +215,10 @@ class PTQ4ViT(Method):
                 traces, attention_trace = _record(model, unit, unit.linears(), attention,
                                                   {out_name} if attention else set(), batches, labels)
                 for name in unit.linears():
-                    plan, record = self._calibrate_linear(unit, name, layout, traces[name])
+                    plan, record, layer = self._calibrate_linear(unit, name, layout, traces[name])
                     plans.append(plan)
                     records.append(record)
+                    layers[record.name] = layer
                 if attention is not None:
                     plans.append(self._calibrate_attention(unit, layout, attention_trace, traces[out_name],
                                                            traces[f"{layout.attention}.{layout.attention_qkv}"]))
@@ -254,13 +229,11 @@ class PTQ4ViT(Method):
                 p.requires_grad_(True)
         for plan in plans:
             plan()
-        return records
+        return records, layers
 
     # Each calibration returns a closure that installs its result, run once all layers are calibrated.
 
     def _calibrate_linear(self, unit, name, layout, trace: Trace):
-        from fqbench.engine import LayerRecord  # the engine imports the method registry, which imports this module
-
         c = self.config
         start = time.perf_counter()
         linear = unit.module.get_submodule(name)
@@ -305,7 +278,8 @@ class PTQ4ViT(Method):
                 if act is not None:
                     act, _ = search_scale(act, [a_base * f for f in c.factors()],
                                           lambda s: error(w_scale, s).sum().reshape(1))
-        layer = SymmetricLayer(W, w_scale, c.bits)
+        layer = symmetric_weight(W, w_scale, c.bits)
+        layer.method, layer.nominal_bits = self.name, float(c.bits)
         W_hat = layer.weight()
         H = (2.0 / trace.x.shape[0]) * (trace.x.double().T @ trace.x.double())
         record = LayerRecord(
@@ -318,12 +292,15 @@ class PTQ4ViT(Method):
         )
 
         def install():
-            linear.weight.data = W_hat.to(linear.weight.device, linear.weight.dtype)
-            if act is not None:
-                scale = act.to(linear.weight.device)
-                linear.register_forward_pre_hook(lambda module, args: (quantize_input(args[0], scale), *args[1:]))
+            if act is None:
+                linear.weight.data = W_hat.to(linear.weight.device, linear.weight.dtype)
+                return
+            quantizer = (TwinGeluQuantizer(c.act_bits, positive_step=act) if post_gelu
+                         else UniformQuantizer(c.act_bits, step=act))
+            _replace(unit.module, name, QuantLinear(layer.to(linear.weight.device), linear.bias,
+                                                    input_quantizer=quantizer.to(linear.weight.device)))
 
-        return install, record
+        return install, record, layer
 
     def _calibrate_attention(self, unit, layout, trace: AttentionTrace, context: Trace, qkv: Trace):
         """Steps for q, k, v (the attention matmuls' inputs) and the post-softmax split, scored on the context."""
@@ -350,7 +327,11 @@ class PTQ4ViT(Method):
                     state[key], _ = search_scale(state[key], candidates, lambda s: error({**state, key: s}))
 
         def install():
-            _quantize_attention(attention, layout, state, bits)
+            qkv_quantizer, probs_quantizer = _attention_quantizers(state, bits)
+            attention.get_submodule(layout.attention_qkv).output_quantizer = qkv_quantizer
+            _replace(attention, layout.attention_probs, probs_quantizer)
+            if hasattr(attention, "fused_attn"):
+                attention.fused_attn = False  # the explicit path, where the probabilities pass through attn_drop
 
         return install
 
@@ -380,22 +361,25 @@ def _attention_contexts(attention, layout, trace: AttentionTrace, state, bits) -
     return contexts
 
 
+def _attention_quantizers(state, bits) -> tuple[UniformQuantizer, TwinSoftmaxQuantizer]:
+    """q, k, v (thirds of the qkv output, one step each) and the attention probabilities."""
+    steps = torch.cat([state["q"], state["k"], state["v"]])
+    return UniformQuantizer(bits, step=steps).to(steps.device), TwinSoftmaxQuantizer(bits, split=state["split"]).to(steps.device)
+
+
 def _quantize_attention(attention, layout, state, bits) -> list:
-    """Hooks quantizing q, k, v (thirds of the qkv output) and the attention probabilities; the explicit
-    (unfused) attention path makes the probabilities visible to the hook."""
+    """Hooks applying the attention quantizers during calibration; the explicit (unfused) attention path
+    makes the probabilities visible to the hook."""
     if hasattr(attention, "fused_attn"):
         attention.fused_attn = False
+    qkv_quantizer, probs_quantizer = _attention_quantizers(state, bits)
+    return [attention.get_submodule(layout.attention_qkv).register_forward_hook(lambda m, a, out: qkv_quantizer(out)),
+            attention.get_submodule(layout.attention_probs).register_forward_hook(lambda m, a, out: probs_quantizer(out))]
 
-    def qkv_hook(module, args, output):
-        q, k, v = output.chunk(3, dim=-1)
-        return torch.cat([uniform_quantize(q, state["q"], bits), uniform_quantize(k, state["k"], bits),
-                          uniform_quantize(v, state["v"], bits)], dim=-1)
 
-    def probs_hook(module, args, output):
-        return twin_softmax_quantize(output, state["split"], bits)
-
-    return [attention.get_submodule(layout.attention_qkv).register_forward_hook(qkv_hook),
-            attention.get_submodule(layout.attention_probs).register_forward_hook(probs_hook)]
+def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(parent.get_submodule(owner_name) if owner_name else parent, attr, new)
 
 
 def _chunks(rows: int):

@@ -10,33 +10,33 @@ per-row 2-sigma clip and grid (paper Tables 1-2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fqbench.frames.operator import FrameOperator
-from fqbench.methods.pipeline import Transforms, quantize_weight
-from fqbench.methods.registry import Method, register_method
+from fqbench.methods.pipeline import Transforms, grid_quantizer, quantize_weight
+from fqbench.methods.registry import LayerMethod, register_method
 from fqbench.quant.grids import GridSpec, check_bits
 from fqbench.quant.solver import SolverOptions
 from fqbench.seeding import derive_seed
 
 
-@dataclass(frozen=True)
-class QuIPConfig(SolverOptions):
+@dataclass
+class QuIPConfig:
     bits: int = 2
     rotation: str = "kronecker"
     rescale: bool = True
     hessian_reg: float = 0.01
     seed: int = 0
+    solver: SolverOptions = field(default_factory=SolverOptions)
 
     def __post_init__(self):
-        super().__post_init__()
         check_bits(self.bits)
 
     def grid(self) -> GridSpec:
         return GridSpec(self.bits, "quip")
 
 
-@dataclass(frozen=True)
+@dataclass
 class QuIPClipConfig(QuIPConfig):
     clip_sigma: float = 2.0
     zero_point: str = "integer"
@@ -52,11 +52,11 @@ def _quantize_quip(config: QuIPConfig, W, H, seed, clip_sigma):
         rescale=config.rescale,
         hessian_reg=config.hessian_reg,
     )
-    return quantize_weight(W, H, config.grid(), SolverOptions.from_config(config), clip_sigma, transforms)
+    return quantize_weight(W, H, grid_quantizer(config.grid(), config.solver), config.solver, clip_sigma, transforms)
 
 
 @register_method("quip")
-class QuIP(Method):
+class QuIP(LayerMethod):
     Config = QuIPConfig
 
     def _quantize(self, W, H, seed):
@@ -64,7 +64,7 @@ class QuIP(Method):
 
 
 @register_method("quip_clip")
-class QuIPClip(Method):
+class QuIPClip(LayerMethod):
     Config = QuIPClipConfig
 
     def _quantize(self, W, H, seed):

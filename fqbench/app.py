@@ -9,12 +9,9 @@ A job whose config already has a finished record under ``runs_root`` is skipped
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import traceback
-import types
-import typing
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,10 +19,11 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import call, get_class
+from hydra.utils import call
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fqbench.methods import Method, method_from_config
+from fqbench.config import CONF_DIR, register_schemas
+from fqbench.methods import build_method
 from fqbench.pipelines import run_pipeline
 from fqbench.records import (
     config_hash, device_info, effective_redundancy, find_finished, peak_memory_bytes, read_record, versions,
@@ -36,12 +34,8 @@ from fqbench.tracking import make_tracker
 
 log = logging.getLogger("fqbench")
 
-# The config tree (an absolute path: `python -m fqbench` runs the app as a module,
-# for which Hydra would read a relative config_path as a Python package).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
 # Config groups recorded with every job (the choices behind the resolved config).
-GROUPS = ("model", "method", "data", "tracking", "variant", "experiment")
+GROUPS = ("model", "method", "data", "tracking", "variant", "experiment", "method/solver")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,47 +48,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
     return device
-
-
-def build_method(method_cfg: DictConfig) -> Method:
-    """Instantiate the method config dataclass (``_target_``), checking option names and types first."""
-    target = method_cfg.get("_target_")
-    if target is None:
-        raise ValueError("the method config has no _target_ (the config dataclass to instantiate)")
-    cls = get_class(target)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(method_cfg) - set(fields) - {"_target_"})
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; valid options: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "_target_"}
-    for key, value in values.items():
-        if not _has_type(value, hints[key]):
-            raise ValueError(f"method.{key}={value!r} has the wrong type: expected {_type_name(hints[key])}")
-    return method_from_config(cls(**values))  # the dataclass's own checks raise their clear errors
-
-
-def _has_type(value, hint) -> bool:
-    if hint is typing.Any:
-        return True
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_has_type(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(hint) in (list, tuple):
-        return isinstance(value, (list, tuple))
-    origin = typing.get_origin(hint) or hint
-    return isinstance(origin, type) and isinstance(value, origin) or not isinstance(origin, type)
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def prepare_model(cfg: DictConfig) -> str:
@@ -232,6 +185,9 @@ def _now() -> str:
 
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+register_schemas()  # the method yaml files name their schemas; Hydra composes when main() runs
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

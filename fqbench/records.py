@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,24 @@ RECORD_NAME = "result.json"
 FINISHED = "ok"
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerRecord:
+    """What a run records for every quantized linear (the ``layers`` list of ``result.json``)."""
+
+    name: str
+    shape: tuple[int, int]
+    proxy_error: float
+    seconds: float
+    damping: float | None
+    bits_per_weight: float
+    nominal_bits: float
+    effective_redundancy: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 # Config keys (dotted paths) that do not change what a job computes: where it
 # runs and writes (runs_root, device, data.root, threads, evaluation batch size

@@ -85,11 +85,9 @@ def write_data_root(root: Path, seed: int = 0) -> Path:
 
 def compose(overrides: list[str]):
     """The app's config, composed from conf/ with overrides (as the CLI would)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from fqbench.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def convert_stories(data_root: Path, out: Path) -> Path:

@@ -8,8 +8,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from fqbench.app import CONF_DIR, build_method, resolve_device
-from fqbench.methods import METHODS
+from fqbench.app import resolve_device
+from fqbench.config import CONF_DIR, register_schemas
+from fqbench.methods import build_method, registered_methods
 
 GROUPS = ("model", "method", "data", "tracking", "variant", "experiment")
 REQUIRED_PRESETS = ("table1_vit", "table2_vit_large", "table3_ablation", "table5_llm_wikitext2", "table8_redundancy",
@@ -23,6 +24,7 @@ def options(group: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hydra_compose():
+    register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         yield lambda overrides=(), **kw: compose("config", overrides=list(overrides), **kw)
 
@@ -50,7 +52,17 @@ def test_every_option_of_every_group_composes_and_resolves(hydra_compose):
             cfg = hydra_compose([f"{group}={name}"])
             OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
             if group in ("method", "variant"):
-                assert type(build_method(cfg.method)) in METHODS.values()
+                assert type(build_method(cfg.method)) in registered_methods().values()
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq_clip", "quip", "quip_clip", "framequant"])
+def test_solver_methods_share_the_solver_group(hydra_compose, method):
+    for option in options("solver"):
+        cfg = hydra_compose([f"method={method}", f"solver@method.solver={option}"])
+        solver = build_method(cfg.method).config.solver
+        assert OmegaConf.to_container(cfg.method.solver) == vars(solver)
+    cfg = hydra_compose([f"method={method}", "method.solver.act_order=true", "method.solver.blocksize=64"])
+    assert (build_method(cfg.method).config.solver.act_order, cfg.method.solver.blocksize) == (True, 64)
 
 
 def test_variants_set_what_their_names_say(hydra_compose):
@@ -117,17 +129,21 @@ def test_wrong_overrides_fail_with_the_choices(hydra_compose, overrides, message
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method.bits=abc"], "method.bits='abc' has the wrong type: expected int"),
-    (["method.redundancy=high"], "method.redundancy='high' has the wrong type"),
-    (["method.clip_sigma=[1,2]"], "method.clip_sigma=[1, 2] has the wrong type"),
-    (["+method.bogus=1"], "unknown option(s) ['bogus'] for FrameQuantConfig; valid options: blocksize"),
+    # types: checked by Hydra against the method's registered schema, when composing
+    (["method.bits=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["method.redundancy=high"], "Value 'high' of type 'str' could not be converted to Float"),
+    (["method.clip_sigma=[1,2]"], "clip_sigma"),
+    (["method.solver.blocksize=x"], "Value 'x' of type 'str' could not be converted to Integer"),
+    (["bits=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),  # through ${bits}
+    # names and values: checked when the method is built
+    (["+method.bogus=1"], "unknown option(s) ['bogus'] for FrameQuantConfig; valid options: bits, redundancy"),
     (["method.bits=0"], "bits=0 is not supported"),
     (["method.redundancy=0.5"], "redundancy"),
 ])
 def test_bad_method_values_fail_clearly(hydra_compose, overrides, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises((ConfigCompositionException, ValueError)) as error:
         build_method(hydra_compose(overrides).method)
-    assert message in str(error.value)
+    assert message in str(error.value) + str(error.value.__cause__)
 
 
 def test_bad_device_fails_clearly():

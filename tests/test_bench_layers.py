@@ -15,8 +15,10 @@ def test_layer_benchmark_reports_every_method_as_ratios_to_gptq(tmp_path, capsys
     by_method = {r["method"]: r for r in rows}
     gptq = by_method["gptq"]
     assert gptq["error_vs_gptq"] == 1.0 and gptq["time_vs_gptq"] == 1.0
-    # The reference implementation solves the same problem: the same held-out error (float rounding aside).
-    assert by_method["gptq_reference"]["proxy_error"] == pytest.approx(gptq["proxy_error"], rel=1e-3)
+    # The reference implementation, with float32 scales as ours in reference-exact mode: the same weights.
+    assert by_method["gptq_reference"]["proxy_error"] == by_method["gptq scale_dtype=float32"]["proxy_error"]
+    # float16 scales (what a packed model stores) move the error a little
+    assert by_method["gptq_reference"]["proxy_error"] == pytest.approx(gptq["proxy_error"], rel=0.02)
     assert by_method["rtn"]["error_vs_gptq"] > 1
     assert by_method["framequant redundancy=1.1"]["bits_per_weight"] > by_method["framequant redundancy=1.0"]["bits_per_weight"]
     assert all(r["seconds"] > 0 for r in rows)

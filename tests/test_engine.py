@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from fqbench.engine import accumulate_hessians, capture_block_inputs, quantize_blocks, run_block, summarize
-from fqbench.methods import build_method
-from fqbench.methods.registry import Method
-from fqbench.models.layout import Layout
+from fqbench.methods import LayerMethod, build_method
+from fqbench.models.adapter import Layout
+from fqbench.quantized import QuantLinear
 
 
 class ToyBlock(nn.Module):
@@ -51,7 +51,8 @@ def setup(seed=0, samples=4):
 def quantize(model, data, method, **kwargs):
     blocks = LAYOUT.find_blocks(model)
     inputs = capture_block_inputs(model, blocks, data, lambda m, s: m(s), "cpu")
-    return quantize_blocks(blocks, inputs, method, device="cpu", progress=False, **kwargs)
+    result = quantize_blocks(blocks, inputs, method, device="cpu", progress=False, **kwargs)
+    return result.records, result.layers
 
 
 def test_capture_records_every_argument():
@@ -84,7 +85,7 @@ def test_quantization_changes_weights_and_records_honest_bits():
     assert 3 < summary["bits_per_weight"] < 4 and summary["nominal_bits"] == 3
 
 
-class RecordingMethod(Method):
+class RecordingMethod(LayerMethod):
     """Keeps the Hessian it was given for each call (a test double of the layer API)."""
 
     name = "recording"
@@ -117,14 +118,37 @@ def test_true_sequential_hessians_see_quantized_earlier_groups():
     assert not torch.allclose(sequential.hessians[2], fp_h, rtol=1e-3)
 
 
+class InputRecordingMethod(LayerMethod):
+    """RTN that keeps, per call, the Hessian it was given (which the block's captured inputs determine)."""
+
+    name = "input_recording"
+    Config = type(build_method("rtn").config)
+
+    def __init__(self):
+        super().__init__(build_method("rtn", bits=2).config)
+        self.hessians = []
+
+    def quantize(self, W, H, *, seed=None):
+        self.hessians.append(H.clone())
+        return build_method("rtn", bits=2).quantize(W, H, seed=seed)
+
+
 def test_next_block_inputs_come_from_the_quantized_block():
     model, data = setup()
+    fp_model = ToyModel()
+    fp_model.load_state_dict(model.state_dict())
     blocks = LAYOUT.find_blocks(model)
     inputs = capture_block_inputs(model, blocks, data, lambda m, s: m(s), "cpu")
-    quantize_blocks(blocks[:1], inputs, build_method("rtn", bits=2), device="cpu", progress=False)
-    expected = run_block(model.blocks[0], inputs)
-    fresh = capture_block_inputs(model, blocks[1:], data, lambda m, s: m(s), "cpu")
-    assert torch.allclose(fresh.args[0][0], expected[0])
+    method = InputRecordingMethod()
+    quantize_blocks(blocks[:2], inputs, method, device="cpu", progress=False)
+    # Block 1's inputs, as the engine should have given them: block 0's outputs with its quantized weights.
+    quantized_outputs = run_block(model.blocks[0], inputs)
+    fp_outputs = run_block(fp_model.blocks[0], inputs)
+    expected = accumulate_hessians(model.blocks[1], ["q"], inputs.replace_hidden(quantized_outputs))["q"]
+    fp_based = accumulate_hessians(fp_model.blocks[1], ["q"], inputs.replace_hidden(fp_outputs))["q"]
+    # calls: q, k, up, down per block; index 4 is block 1's q (its first group: the block's inputs)
+    assert torch.equal(method.hessians[4], expected)
+    assert not torch.allclose(method.hessians[4], fp_based, rtol=1e-3)
 
 
 def test_layout_mismatch_is_named():
@@ -136,7 +160,5 @@ def test_layout_mismatch_is_named():
 def test_activation_quantized_framequant_replaces_the_module():
     model, data = setup()
     quantize(model, data, build_method("framequant", bits=4, redundancy=1.0, act_bits=8))
-    from fqbench.methods.layers import QuantizedLinear
-
-    assert isinstance(model.blocks[0].q, QuantizedLinear)
+    assert isinstance(model.blocks[0].q, QuantLinear)
     assert torch.isfinite(model(data[0])).all()

@@ -1,13 +1,13 @@
-"""Packed inference modules: frame-space FrameQuant, packed GPTQ/RTN, both kernels, memory."""
+"""Packed inference: quantized weights in the packed layout (frame-space FrameQuant, GPTQ/RTN grids), both
+kernels, memory."""
 
 import pytest
 import torch
 
-import fqbench.methods  # noqa: F401
+from fqbench.kernels.lut import decode_codes, lut_matmul
 from fqbench.methods import build_method
-from fqbench.packing import FrameLinear, PackedLinear, pack_module
-from fqbench.packing.kernels import decode_codes, lut_matmul
-from fqbench.packing.bits import pack_bits
+from fqbench.quantized import GridWeight, QuantLinear, TransformedWeight
+from fqbench.kernels.bitpack import pack_bits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,6 +20,10 @@ def identity_hessian_layer(name, out_features, in_features, seed=0, **options):
     return build_method(name, **options).quantize(W, H, seed=seed)
 
 
+def pack_module(layer, bias=None):
+    return QuantLinear(layer.with_layout("packed"), bias)
+
+
 # Dimensions that are not powers of two (172 = 43 * 4, 1000, 1032 = 129 * 8), padded and unpadded frames.
 FRAME_SHAPES = [(172, 1000), (1032, 172), (96, 100), (64, 1032), (256, 512), (100, 96)]
 
@@ -30,7 +34,7 @@ def test_frame_space_forward_equals_the_dequantized_weight(shape, redundancy):
     layer = identity_hessian_layer("framequant", *shape, bits=2, redundancy=redundancy)
     bias = torch.randn(shape[0]) * 0.1
     module = pack_module(layer, bias)
-    assert isinstance(module, FrameLinear)
+    assert isinstance(module.quantized, TransformedWeight) and module.quantized.layout == "packed"
     W_hat = layer.weight()
     for rows in (1, 3, 40):  # the table-lookup kernel (when the layout allows) and the dense one
         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
@@ -45,7 +49,7 @@ def test_frame_space_forward_equals_the_dequantized_weight(shape, redundancy):
 def test_frame_space_forward_runs_the_table_kernel_on_llm_dimensions():
     layer = identity_hessian_layer("framequant", 256, 512, bits=2, redundancy=1.1)
     module = pack_module(layer)
-    assert module.matrix.lut_ok  # 512 -> 576 coefficients, a multiple of 8
+    assert module.quantized.inner.lut_ok  # 512 -> 576 coefficients, a multiple of 8
     x = torch.randn(1, 512)
     assert torch.allclose(module(x), x @ layer.weight().T, rtol=0, atol=1e-5 * (x @ layer.weight().T).abs().max())
 
@@ -55,8 +59,8 @@ def test_frame_space_forward_runs_the_table_kernel_on_llm_dimensions():
 def test_packed_grid_linear_both_kernels(bits, options):
     layer = identity_hessian_layer("rtn", 72, 96, bits=bits, **options)
     module = pack_module(layer, torch.ones(72))
-    assert isinstance(module, PackedLinear)
-    assert module.matrix.lut_ok == (bits < 8 and options.get("groupsize", 96) % 8 == 0
+    assert isinstance(module.quantized, GridWeight) and module.quantized.layout == "packed"
+    assert module.quantized.lut_ok == (bits < 8 and options.get("groupsize", 96) % 8 == 0
                                     and 96 % options.get("groupsize", 96) == 0)
     x = torch.randn(40, 96)  # more rows than LUT_ROWS: the dense kernel
     reference = torch.nn.functional.linear(x, layer.weight(), torch.ones(72))
@@ -67,9 +71,9 @@ def test_packed_grid_linear_both_kernels(bits, options):
 
 def test_act_order_groups_use_the_stored_index(layer_factory):
     W, H, X = layer_factory(64, 128)
-    layer = build_method("gptq", bits=3, act_order=True, groupsize=16).quantize(W, H)
+    layer = build_method("gptq", bits=3, solver={"act_order": True, "groupsize": 16}).quantize(W, H)
     module = pack_module(layer)
-    assert module.matrix.group_index is not None and not module.matrix.lut_ok
+    assert module.quantized.group_index is not None and not module.quantized.lut_ok
     assert torch.equal(module(X[:4]), X[:4] @ layer.weight().T)
 
 

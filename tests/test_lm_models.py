@@ -5,12 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from lm_tiny import ROOT, compose, save_tiny_model, write_data_root
 from torch import nn
 
-from fqbench.methods import METHODS, build_method, method_from_config
-from fqbench.methods.registry import Method
+from fqbench.methods import LayerMethod, build_method, registered_methods
 from fqbench.engine import accumulate_hessians, capture_block_inputs, quantize_blocks, run_block
 from fqbench.eval.perplexity import perplexity, split_windows
 from fqbench.models.hf import ADAPTERS, LLAMA, OPT, adapter_for, load_causal_lm
@@ -114,11 +112,11 @@ def test_too_short_evaluation_text_is_an_error(tiny):
         perplexity(model, adapter, torch.arange(4, 40), seqlen=64, device="cpu")
 
 
-class RecordingMethod(Method):
+class RecordingMethod(LayerMethod):
     """Round-to-nearest that keeps the Hessian of every call (a test double of the layer API)."""
 
     name = "recording"
-    Config = METHODS["rtn"].Config
+    Config = registered_methods()["rtn"].Config
 
     def __init__(self):
         super().__init__()
@@ -153,9 +151,9 @@ def test_every_method_runs_through_the_pipeline(tiny, data_dir, tmp_path, method
     cfg = compose(["model=hf_causal_lm", f"model.path={tiny}", f"method={method}", "bits=3", "redundancy=1.1",
                    "calib.nsamples=4", "calib.seqlen=32", "eval.seqlen=32", f"data.root={data_dir}", "data.hub=false",
                    "device=cpu", "engine.progress=false", "eval.fp_baseline=true"])
-    layer_method = method_from_config(instantiate(cfg.method))
-    if hasattr(layer_method, "quantize_model"):  # PTQ4ViT: a vision-model method
-        with pytest.raises(ValueError, match="quantizes whole vision models"):
+    layer_method = build_method(cfg.method)
+    if layer_method.tier == "model":  # PTQ4ViT: a vision-model method
+        with pytest.raises(ValueError, match="calibrates whole vision models"):
             lm_pipeline.run(cfg, layer_method, torch.device("cpu"), tmp_path)
         return
     result = lm_pipeline.run(cfg, layer_method, torch.device("cpu"), tmp_path)
@@ -178,7 +176,7 @@ def test_seqlen_beyond_the_model_positions_is_refused(tiny, data_dir, tmp_path):
     cfg = compose(["model=hf_causal_lm", f"model.path={tiny}", "method=rtn", "calib.seqlen=32", "eval.seqlen=4096",
                    f"data.root={data_dir}", "device=cpu"])
     with pytest.raises(ValueError, match="eval.seqlen=4096 exceeds the model's max_position_embeddings=128"):
-        lm_pipeline.run(cfg, method_from_config(instantiate(cfg.method)), torch.device("cpu"), tmp_path)
+        lm_pipeline.run(cfg, build_method(cfg.method), torch.device("cpu"), tmp_path)
 
 
 def test_every_paper_model_config_composes():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fqbench.methods import METHODS, build_method
+from fqbench.methods import build_method, registered_methods
 from fqbench.quant.checks import proxy_error
 
 ALL_METHODS = ["fp", "rtn", "gptq", "gptq_clip", "quip", "quip_clip", "framequant"]
@@ -16,7 +16,7 @@ def held_out_error(W, layer, X):
 
 
 def test_registry_has_every_method():
-    assert set(ALL_METHODS) <= set(METHODS)
+    assert set(ALL_METHODS) <= set(registered_methods())
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
@@ -43,9 +43,10 @@ def test_honest_bits_gptq_and_rtn(layer_factory):
         layer = build_method(name, bits=2).quantize(W, H)
         # codes + a float16 scale and a 2-bit zero point per row
         assert layer.bits_per_weight == pytest.approx(2 + (16 + 2) / inp)
-        grouped = build_method(name, bits=2, groupsize=32).quantize(W, H)
+        groups = {"groupsize": 32} if name == "rtn" else {"solver": {"groupsize": 32}}
+        grouped = build_method(name, bits=2, **groups).quantize(W, H)
         assert grouped.bits_per_weight == pytest.approx(2 + 4 * (16 + 2) / inp)
-    act = build_method("gptq", bits=2, groupsize=32, act_order=True).quantize(W, H)
+    act = build_method("gptq", bits=2, solver={"groupsize": 32, "act_order": True}).quantize(W, H)
     # act-order with dynamic groups must store each column's group (2 bits for 4 groups)
     assert act.bits_per_weight == pytest.approx(2 + 4 * (16 + 2) / inp + 2 / out)
 
@@ -106,7 +107,7 @@ def test_framequant_options(layer_factory):
     W, H, X = layer_factory(96, 128, heavy_tailed=True)
     base = build_method("framequant", bits=2).quantize(W, H)
     for options in [dict(zero_point="float"), dict(clip_sigma=None), dict(clip_sigma=3.0), dict(rotation="kronecker"),
-                    dict(frame_block=4, redundancy=1.25), dict(act_order=True), dict(denoise=True)]:
+                    dict(frame_block=4, redundancy=1.25), dict(solver={"act_order": True}), dict(denoise=True)]:
         layer = build_method("framequant", bits=2, **options).quantize(W, H)
         assert not torch.equal(layer.weight(), base.weight()), options
         assert proxy_error(W, layer.weight(), H) < 0.5
@@ -164,8 +165,12 @@ def test_bad_framequant_options(options, message, layer_factory):
 def test_unknown_method_and_option():
     with pytest.raises(ValueError, match="unknown method 'gptx'.*framequant"):
         build_method("gptx")
-    with pytest.raises(ValueError, match="unknown option.*'blocks'.*blocksize"):
+    with pytest.raises(ValueError, match="unknown option.*'blocks'.*valid options: bits, symmetric, mse"):
         build_method("gptq", blocks=3)
+    with pytest.raises(ValueError, match="method.solver.blocks: Key 'blocks' not in 'SolverOptions'"):
+        build_method("gptq", solver={"blocks": 3})
+    with pytest.raises(ValueError, match="blocksize"):
+        build_method("gptq", solver={"blocksize": "many"})
 
 
 def test_nominal_bits():

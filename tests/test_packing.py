@@ -8,23 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fqbench
-import fqbench.methods  # noqa: F401  (registers every method before the engine is imported)
 from fqbench.engine import capture_block_inputs, quantize_blocks
+from fqbench.kernels.bitpack import pack_bits, packed_shape, unpack_bits
 from fqbench.methods import build_method
-from fqbench.models.layout import Layout
-from fqbench.packing import (
-    FrameLinear,
-    PackedFormatError,
-    PackedLinear,
-    checkpoint_sizes,
-    load_quantized,
-    pack_bits,
-    save_quantized,
-    unpack_bits,
-)
-from fqbench.packing.bits import packed_shape
+from fqbench.models.adapter import Layout
+from fqbench.packing import PackedFormatError, checkpoint_sizes, load_quantized, save_quantized
 from fqbench.packing.format import pack_layer, unpack_layer
 from fqbench.packing.safetensors_file import file_size
+from fqbench.quantized import GridWeight, QuantLinear, StateError, TransformedWeight
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +59,7 @@ def test_pack_extremes_and_bad_input():
 LAYER_CASES = [
     ("rtn", {"bits": 3, "groupsize": 32}),
     ("gptq", {"bits": 2}),
-    ("gptq", {"bits": 4, "act_order": True, "groupsize": 16}),
+    ("gptq", {"bits": 4, "solver": {"act_order": True, "groupsize": 16}}),
     ("gptq", {"bits": 8, "symmetric": True}),
     ("gptq_clip", {"bits": 2}),
     ("quip", {"bits": 2}),
@@ -80,30 +71,37 @@ LAYER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,options", LAYER_CASES, ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in LAYER_CASES])
+@pytest.mark.parametrize("name,options", LAYER_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LAYER_CASES)])
 def test_layer_format_is_exact_and_matches_the_accounting(name, options, layer_factory):
     for shape in [(96, 128), (37, 100)]:
         W, H, X = layer_factory(*shape)
         layer = build_method(name, **options).quantize(W, H)
         tensors, meta = pack_layer(layer)
         json.dumps(meta)  # the metadata goes into config.json
-        rebuilt = unpack_layer("layer", meta, tensors)
-        assert type(rebuilt) is type(layer)
-        assert torch.equal(rebuilt.weight(), layer.weight())
-        assert torch.equal(rebuilt(X[:8]), layer(X[:8]))
-        assert rebuilt.bits_per_weight == layer.bits_per_weight
-        # what the file holds is what storage() counts, up to the byte padding of each packed tensor
+        for layout in ("plain", "packed"):
+            rebuilt, quantizers = unpack_layer("layer", meta, tensors, layout)
+            assert type(rebuilt) is type(layer) and not quantizers
+            assert rebuilt.layout == ("plain" if name == "fp" else layout)  # a dense weight has nothing to pack
+            assert torch.equal(rebuilt.weight(), layer.weight())
+            assert rebuilt.bits_per_weight == layer.bits_per_weight
+        plain, _ = unpack_layer("layer", meta, tensors)
+        assert torch.equal(plain(X[:8]), layer(X[:8]))
+        # what the file holds is what the accounting counts, up to the byte padding of each packed tensor
         stored = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
-        accounted = sum(layer.storage().values())
+        accounted = layer.stored_bits
         assert 0 <= stored - accounted < 8 * 8 * len(tensors)
 
 
-def test_layers_that_cannot_be_stored_exactly_are_refused(layer_factory):
+def test_parameters_that_cannot_be_stored_exactly_are_refused(layer_factory):
     W, H, _ = layer_factory(32, 64)
     layer = build_method("gptq", bits=2).quantize(W, H)
-    layer.scale += 1e-4  # no longer float16-exact
-    with pytest.raises(PackedFormatError, match="float16"):
-        pack_layer(layer)
+    codes, scale = layer.code_values(), layer.scale.float() + 1e-4  # no longer float16-exact
+    zero = layer.zero.float()
+    with pytest.raises(StateError, match="float16"):
+        GridWeight.fit(codes, scale, zero, torch.zeros(64, dtype=torch.long), bits=2, integer_zero=True)
+    with pytest.raises(StateError, match="rows sharing a scale"):
+        GridWeight.fit(codes, layer.scale.float(), zero, torch.zeros(64, dtype=torch.long), bits=2,
+                       integer_zero=True, scale_rows=1)
 
 
 # --- whole models ------------------------------------------------------------------------
@@ -175,7 +173,7 @@ def quantize(kind, method_name, options, seed=0):
     blocks = layout.find_blocks(model)
     inputs = capture_block_inputs(model, blocks, samples, lambda m, s: m(**s), "cpu")
     method = build_method(method_name, **options)
-    _, layers = quantize_blocks(blocks, inputs, method, device="cpu", seed=seed, keep_layers=True, progress=False)
+    layers = quantize_blocks(blocks, inputs, method, device="cpu", seed=seed, keep_layers=True, progress=False).layers
     return model, layers, method, extra
 
 
@@ -206,9 +204,10 @@ def test_save_and_load_gives_the_evaluated_model(kind, method_name, checkpoints)
     assert torch.equal(outputs(dequantized, inputs), expected)  # bit-identical
 
     packed = load_quantized(directory, mode="packed")
-    kinds = {type(m) for m in packed.modules()}
-    assert (FrameLinear if method_name in ("framequant", "quip") else PackedLinear) in kinds
-    assert not any(isinstance(m, torch.nn.Linear) and n in layers for n, m in packed.named_modules())
+    modules = dict(packed.named_modules())
+    assert all(isinstance(modules[n], QuantLinear) and modules[n].quantized.layout == "packed" for n in layers)
+    kind = TransformedWeight if method_name in ("framequant", "quip") else GridWeight
+    assert all(isinstance(modules[n].quantized, kind) for n in layers)
     got = outputs(packed, inputs)
     if method_name in ("framequant", "quip"):  # frame space: equal within float rounding
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -267,7 +266,7 @@ def test_half_precision_models_round_trip(dtype, tmp_path):
     inputs = capture_block_inputs(model, blocks, [model_inputs("llama", g, 1) for _ in range(2)], lambda m, s: m(**s),
                                   "cpu")
     method = build_method("framequant", bits=2, redundancy=1.1)
-    _, layers = quantize_blocks(blocks, inputs, method, device="cpu", keep_layers=True, progress=False)
+    layers = quantize_blocks(blocks, inputs, method, device="cpu", keep_layers=True, progress=False).layers
     save_quantized(model, layers, tmp_path / "packed", method=method)
     loaded = load_quantized(tmp_path / "packed")
     assert isinstance(loaded, LlamaForCausalLM) and loaded.dtype == dtype
@@ -285,6 +284,7 @@ def test_config_records_method_version_and_frames(checkpoints):
     assert qc["fqbench_version"] == fqbench.__version__ and qc["method"] == "framequant"
     assert qc["method_config"]["redundancy"] == 1.1
     meta = qc["layers"]["model.layers.0.mlp.down_proj"]
+    assert meta["kind"] == "transformed" and meta["inner"]["kind"] == "grid"
     assert meta["in_op"]["dim"] == 172 and meta["in_op"]["rotation"] in ("hadamard", "kronecker")
     assert meta["in_op"]["effective_redundancy"] == pytest.approx(layers["model.layers.0.mlp.down_proj"].in_op.effective_redundancy)
     tensors = load_file(directory / "model.safetensors")
@@ -355,7 +355,7 @@ def test_unknown_method(saved_copy):
 def test_unknown_layer_kind_and_future_format(saved_copy):
     _rewrite_config(saved_copy, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]
                     .__setitem__("kind", "vector"))
-    with pytest.raises(PackedFormatError, match="unknown layer kind 'vector'"):
+    with pytest.raises(PackedFormatError, match="unknown weight kind 'vector'"):
         load_quantized(saved_copy)
     _rewrite_config(saved_copy, lambda c: c["quantization_config"].__setitem__("format_version", 99))
     with pytest.raises(PackedFormatError, match="format_version 99"):

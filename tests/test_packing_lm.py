@@ -10,13 +10,13 @@ import pytest
 import torch
 from lm_tiny import ROOT, compose, convert_stories, write_story_task
 
-import fqbench.methods  # noqa: F401
 from fqbench.data.text import DataFiles, calibration_windows, eval_tokens
 from fqbench.engine import capture_block_inputs, quantize_blocks
 from fqbench.methods import build_method
 from fqbench.models.hf import load_causal_lm
-from fqbench.packing import checkpoint_sizes, load_quantized, save_run
+from fqbench.packing import checkpoint_sizes, load_quantized
 from fqbench.pipelines.lm import evaluate
+from fqbench.pipelines.saving import save_run
 
 SEQLEN = 128
 
@@ -49,7 +49,7 @@ def test_loaded_packed_model_gives_the_evaluated_numbers(stories, data_root, tmp
     blocks = adapter.blocks(model)
     inputs = capture_block_inputs(model, blocks, calibration.windows, lambda m, ids: m(input_ids=ids), "cpu")
     method = build_method(method_name, **options)
-    _, layers = quantize_blocks(blocks, inputs, method, device="cpu", keep_layers=True, progress=False)
+    layers = quantize_blocks(blocks, inputs, method, device="cpu", keep_layers=True, progress=False).layers
 
     evaluated: dict = {}
     evaluate(model, tokenizer, adapter, eval_sets, cfg, "cpu", evaluated, {}, prefix="")

@@ -12,13 +12,13 @@ import timm.data
 import torch
 from torch.utils.data import TensorDataset
 
-import fqbench.methods  # noqa: F401
 from fqbench.data.vision import calibration_images, load_split
 from fqbench.engine import capture_block_inputs, quantize_blocks
 from fqbench.eval.imagenet import evaluate_classifier
 from fqbench.methods import build_method
-from fqbench.models.timm import layout_for
-from fqbench.packing import load_quantized, save_run
+from fqbench.models.timm import FAMILIES
+from fqbench.packing import load_quantized
+from fqbench.pipelines.saving import save_run
 
 KWARGS = {"depth": 2}  # ViT-T at 224 px with two blocks
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +44,10 @@ def test_loaded_packed_vit_gives_the_evaluated_accuracy(data_root, tmp_path):
     dataset = TensorDataset(images, labels)
 
     calibration = calibration_images(load_split("imagenet", data_config(data_root), "train", transform), 8, seed=0)
-    units = layout_for("vit").units(model)
+    units = FAMILIES["vit"].blocks(model)
     inputs = capture_block_inputs(model, units, list(calibration.split(4)), lambda m, x: m(x), "cpu")
     method = build_method("framequant", bits=2, redundancy=1.1)
-    _, layers = quantize_blocks(units, inputs, method, device="cpu", keep_layers=True, progress=False)
+    layers = quantize_blocks(units, inputs, method, device="cpu", keep_layers=True, progress=False).layers
     evaluated = evaluate_classifier(model, dataset, device="cpu", batch_size=16, progress=False)
     assert 0 < evaluated["top1"] < 100  # 2 bits moved some predictions
 
@@ -77,12 +77,28 @@ def test_vision_cli_saves_the_packed_model(data_root, tmp_path):
     assert config["model_args"] == {"depth": 1} and config["quantization_config"]["method"] == "gptq"
 
 
-def test_save_refuses_model_level_methods(tmp_path):
-    from omegaconf import OmegaConf
+def test_model_level_weights_and_activations_save_and_reload(tmp_path):
+    """PTQ4ViT-style W/A: its activation quantizers (linear inputs, q/k/v, attention probabilities) are stored."""
+    from fqbench.engine import quantize_model
+    from fqbench.quantized.activations import TwinSoftmaxQuantizer
 
-    from fqbench.pipelines import vision
-
-    method = build_method("ptq4vit")
-    assert hasattr(method, "quantize_model")
-    with pytest.raises(ValueError, match="packed format"):
-        vision.run(OmegaConf.create({"save": True}), method, torch.device("cpu"), tmp_path)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS).eval()
+    images = [torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    method = build_method("ptq4vit", bits=4, act_bits=6, candidates=8, rounds=1)
+    layers = quantize_model(model, FAMILIES["vit"], images, method, device="cpu", keep_layers=True,
+                            progress=False).layers
+    saved = save_run(model, layers, method, tmp_path, device="cpu", timm_name="vit_tiny_patch16_224",
+                     timm_kwargs=KWARGS)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+        for mode in ("dequantized", "packed"):
+            loaded = load_quantized(saved["directory"], mode=mode)
+            assert isinstance(loaded.blocks[0].attn.attn_drop, TwinSoftmaxQuantizer)
+            assert loaded.blocks[0].attn.fused_attn is False
+            got = loaded(x)
+            if mode == "dequantized":
+                assert torch.equal(got, expected)
+            else:
+                assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -7,7 +7,8 @@ from torch import nn
 
 from fqbench.engine import capture_block_inputs, quantize_blocks, run_block
 from fqbench.methods import build_method
-from fqbench.models.timm import FAMILIES, TimmLayout, layout_for, load_timm_model
+from fqbench.models.timm import FAMILIES, TimmAdapter, adapter_for, load_timm_model
+from fqbench.quantized import QuantLinear
 from vision_helpers import model_config
 
 PAPER_MODELS = ["vit_t", "vit_s", "vit_s32", "vit_b", "vit_l", "vit_h", "deit_t", "deit_s", "deit_b",
@@ -36,8 +37,8 @@ def test_config_names_a_tag_and_the_adapter_finds_every_linear_in_order(name):
         assert abs(cfg.expected_top1 - cfg.paper_top1) < (0.65 if cfg.family == "swin" else 0.05)
     with torch.device("meta"):  # full size without allocating: the adapter check covers every block
         model = load_timm_model(cfg)
-    layout = layout_for(cfg.family)
-    units = layout.units(model)
+    layout = adapter_for(cfg.family, model)
+    units = layout.blocks(model)
     found = [f"{u.name}.{n}" for u in units for n in u.linears()]
     every = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and not any(n == p or n.startswith(p + ".") for p in layout.full_precision)]
@@ -59,12 +60,12 @@ def test_units_in_sequence_are_the_forward_and_fp_keeps_logits(name):
     cfg = reduced(name)
     torch.manual_seed(0)
     model = load_timm_model(cfg)
-    layout = layout_for(cfg.family)
+    layout = adapter_for(cfg.family, model)
     size = tuple(model.patch_embed.img_size)
     images = [torch.randn(2, 3, *size), torch.randn(1, 3, *size)]
     with torch.no_grad():
         reference = [model(x) for x in images]
-    units = layout.units(model)
+    units = layout.blocks(model)
     inputs = capture_block_inputs(model, units, images, lambda m, x: m(x), "cpu")
     hidden = inputs
     for unit in units:
@@ -82,11 +83,11 @@ def test_units_in_sequence_are_the_forward_and_fp_keeps_logits(name):
 
 
 def test_unknown_family_and_layout_mismatch_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown timm model family 'convnext'"):
-        layout_for("convnext")
     swin = load_timm_model(reduced("swin_t"))
+    with pytest.raises(ValueError, match="unknown timm model family 'convnext'"):
+        adapter_for("convnext", swin)
     with pytest.raises(ValueError, match="expected nn.Linear modules"):
-        TimmLayout(blocks="layers").units(swin)  # a ViT layout on a Swin: stages are not blocks
+        TimmAdapter("wrong", blocks_path="layers").blocks(swin)  # a ViT layout on a Swin: stages are not blocks
 
 
 def test_checkpoint_loads_through_timm_and_reproduces_the_model(tmp_path):
@@ -110,12 +111,10 @@ def test_missing_checkpoint_names_the_file_and_the_fix(tmp_path):
 
 
 def test_units_of_a_model_with_packed_linears():
-    """A loaded packed checkpoint has PackedLinear/FrameLinear in place of nn.Linear: the layout still finds them."""
-    from fqbench.packing import pack_module
-
+    """A loaded packed checkpoint has QuantLinear in place of nn.Linear: the adapter still finds them."""
     model = load_timm_model(reduced("vit_t"))
     qkv = model.blocks[0].attn.qkv
     qlayer = build_method("framequant", bits=2).quantize(qkv.weight.detach(), torch.eye(qkv.in_features))
-    model.blocks[0].attn.qkv = pack_module(qlayer, qkv.bias.detach())
-    units = layout_for("vit").units(model)
+    model.blocks[0].attn.qkv = QuantLinear(qlayer.with_layout("packed"), qkv.bias.detach())
+    units = FAMILIES["vit"].blocks(model)
     assert units[0].module.attn.qkv is model.blocks[0].attn.qkv and len(units) == 2

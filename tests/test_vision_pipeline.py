@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fqbench.app import build_method, run_job
+from fqbench.app import run_job
+from fqbench.methods import build_method
 from vision_helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

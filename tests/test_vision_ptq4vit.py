@@ -4,12 +4,11 @@ model-level calibration (weight-only and weights+activations) on a small timm Vi
 import pytest
 import torch
 
-from baselines.ptq4vit import (
-    GELU_MIN, PTQ4ViTConfig, SymmetricLayer, search_scale, twin_gelu_quantize, twin_softmax_quantize,
-    uniform_quantize,
-)
+from baselines.ptq4vit import PTQ4ViTConfig, search_scale, symmetric_weight
+from fqbench.quantized.activations import GELU_MIN, twin_gelu_quantize, twin_softmax_quantize, uniform_quantize
 from fqbench.methods import build_method
-from fqbench.models.timm import layout_for, load_timm_model
+from fqbench.models.timm import adapter_for, load_timm_model
+from fqbench.quantized import QuantLinear
 from vision_helpers import model_config
 
 
@@ -95,17 +94,16 @@ def test_candidates_follow_the_reference_formula():
 def test_symmetric_layer_stores_codes_and_one_step_per_block():
     W = torch.randn(96, 40)
     deltas = torch.tensor([0.1, 0.2, 0.3]).half().float()
-    layer = SymmetricLayer(W, deltas, bits=3)
+    layer = symmetric_weight(W, deltas, bits=3)
     expected = torch.cat([uniform_quantize(b, d, 3) for b, d in zip(W.split(32), deltas)])
     assert torch.equal(layer.weight(), expected)
-    assert layer.storage() == {"codes": 96 * 40 * 3, "scale": 3 * 16}
+    assert {name: s.bits for name, s in layer.stored().items()} == {"codes": 96 * 40 * 3, "scale": 3 * 16}
     assert layer.bits_per_weight == 3 + 48 / (96 * 40)
 
 
 def test_is_a_model_level_method():
     method = build_method("ptq4vit", bits=2)
-    with pytest.raises(TypeError, match="model-level method"):
-        method.quantize(torch.randn(8, 8), torch.eye(8, dtype=torch.float64))
+    assert method.tier == "model" and not hasattr(method, "quantize")
 
 
 def small_model(name):
@@ -117,7 +115,8 @@ def small_model(name):
         cfg = model_config(name, "+model.kwargs.depth=2", "+model.kwargs.img_size=32", "+model.kwargs.embed_dim=64",
                            "+model.kwargs.num_heads=2", "+model.kwargs.num_classes=10")
     torch.manual_seed(0)
-    return load_timm_model(cfg), layout_for(cfg.family)
+    model = load_timm_model(cfg)
+    return model, adapter_for(cfg.family, model)
 
 
 @pytest.mark.parametrize("name", ["vit_t", "swin_t"])
@@ -126,8 +125,9 @@ def test_weight_only_calibration_puts_every_linear_on_its_grid(name):
     images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     before = {n: p.clone() for n, p in model.named_parameters()}
     method = build_method("ptq4vit", bits=3, candidates=20)
-    records = method.quantize_model(model, layout, images, device="cpu", progress=False)
-    units = layout.units(model)
+    records, layers = method.quantize_model(model, layout, images, device="cpu", progress=False)
+    units = layout.blocks(model)
+    assert list(layers) == [r.name for r in records]
     assert [r.name for r in records] == [f"{u.name}.{n}" for u in units for n in u.linears()]
     for record in records:
         weight = model.get_submodule(record.name).weight
@@ -149,13 +149,15 @@ def test_weights_and_activations_quantize_the_forward():
     weight_only, _ = small_model("vit_t")
     build_method("ptq4vit", bits=4, candidates=10).quantize_model(weight_only, layout, images, device="cpu",
                                                                    progress=False)
-    records = build_method("ptq4vit", bits=4, act_bits=4, candidates=10, rounds=2).quantize_model(
+    records, _ = build_method("ptq4vit", bits=4, act_bits=4, candidates=10, rounds=2).quantize_model(
         model, layout, images, device="cpu", progress=False)
     fc2 = next(r for r in records if r.name == "blocks.0.mlp.fc2")
     assert fc2.extra["act_quantizer"] == "twin_gelu" and fc2.extra["act_bits"] == 4
     seen = {}
+    assert isinstance(model.blocks[0].attn.qkv, QuantLinear) and isinstance(model.blocks[0].mlp.fc1, QuantLinear)
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, y, n=n: seen.__setitem__(n, (a[0], y)))
-             for n in ("blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.attn.attn_drop")]
+             for n in ("blocks.0.attn.qkv.input_quantizer", "blocks.0.attn.qkv", "blocks.0.mlp.fc1.input_quantizer",
+                       "blocks.0.attn.attn_drop")]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
@@ -164,7 +166,7 @@ def test_weights_and_activations_quantize_the_forward():
         hook.remove()
     assert not torch.equal(out, reference)
     for name in ("blocks.0.attn.qkv", "blocks.0.mlp.fc1"):
-        assert len(seen[name][0].unique()) <= 16  # the input reached the linear on a 4-bit grid
+        assert len(seen[f"{name}.input_quantizer"][1].unique()) <= 16  # the input reached the weights on a 4-bit grid
     q, k, v = seen["blocks.0.attn.qkv"][1].chunk(3, dim=-1)  # the hook's output: q, k and v on their grids
     assert all(len(t.unique()) <= 16 for t in (q, k, v))
     assert len(seen["blocks.0.attn.attn_drop"][1].unique()) <= 16  # two 3-bit ranges

@@ -6,7 +6,7 @@
 One randomly initialized Llama-shaped model, run in one process as: dense FP32,
 dense FP16, packed GPTQ, and packed FrameQuant at r = 1.0 and r = 1.1 (both sides
 redundant). Packed variants replace every linear of the blocks by a
-``PackedLinear`` / ``FrameLinear`` (``fqbench.packing.modules``); embeddings, norms
+``QuantLinear`` whose weight keeps its codes packed (``fqbench.quantized``); embeddings, norms
 and the LM head stay as in the FP32 model and are shared, not copied.
 
 Measured per variant, in interleaved rounds (medians): batch-1 decode tokens/s
@@ -43,11 +43,11 @@ from torch import nn
 import fqbench.methods  # noqa: F401  (registers the methods)
 from fqbench.frames.operator import FrameOperator
 from fqbench.methods import build_method
-from fqbench.methods.layers import GridLayer, TransformedLayer
-from fqbench.packing.kernels import plane_tables
+from fqbench.kernels.lut import plane_tables
 from fqbench.packing import checkpoint_sizes, save_quantized
-from fqbench.packing.modules import pack_module
 from fqbench.quant.grids import GridSpec, clip_rows
+from fqbench.quant.quantizer import GridQuantizer, round_to_nearest
+from fqbench.quantized import GridWeight, QuantLinear, TransformedWeight
 from fqbench.seeding import derive_seed
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -83,12 +83,9 @@ def llama_model(args) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def rtn_grid(W: torch.Tensor, spec: GridSpec) -> GridLayer:
+def rtn_grid(W: torch.Tensor, spec: GridSpec) -> GridWeight:
     """Round-to-nearest on ``spec`` (one grid per row): the packed format of a GPTQ/FrameQuant layer."""
-    grid = spec.fit(W)
-    codes = grid.encode(W.float())
-    return GridLayer(codes, grid.scale[:, None], grid.zero[:, None], torch.zeros(W.shape[1], dtype=torch.long),
-                     spec.bits, spec.integer_zero, spec.shared_scale)
+    return round_to_nearest(W.float(), GridQuantizer(spec))
 
 
 def quantized_layer(W: torch.Tensor, method: str, bits: int, redundancy: float, seed: int, quantizer: str):
@@ -102,7 +99,7 @@ def quantized_layer(W: torch.Tensor, method: str, bits: int, redundancy: float, 
         in_op = FrameOperator(W.shape[1], redundancy, 8, "auto", derive_seed(seed, "in"))
         out_op = FrameOperator(W.shape[0], redundancy, 8, "auto", derive_seed(seed, "out"))
         D = out_op.analysis(in_op.analysis(W.float()).T).T
-        layer = TransformedLayer(rtn_grid(clip_rows(D, 2.0), GridSpec(bits, "sigma", clip_sigma=2.0)), in_op, out_op)
+        layer = TransformedWeight(rtn_grid(clip_rows(D, 2.0), GridSpec(bits, "sigma", clip_sigma=2.0)), in_op, out_op)
     layer.method = method
     layer.nominal_bits = bits * (redundancy if method == "framequant" else 1)
     return layer
@@ -154,7 +151,8 @@ def packed_variant(base: nn.Module, name: str, method: str, args, redundancy: fl
 def _replace_with_packed(model: nn.Module, layers: dict, device) -> None:
     for full_name, layer in layers.items():
         owner, _, attr = full_name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, pack_module(layer, model.get_submodule(full_name).bias).to(device))
+        packed = QuantLinear(layer.with_layout("packed"), model.get_submodule(full_name).bias)
+        setattr(model.get_submodule(owner), attr, packed.to(device))
 
 
 def saved_sizes(base: nn.Module, layers: dict, method: str) -> dict:

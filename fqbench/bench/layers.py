@@ -24,6 +24,7 @@ from fqbench.methods import build_method
 DEFAULT_METHODS = [
     ("rtn", {}),
     ("gptq", {}),
+    ("gptq", {"scale_dtype": "float32"}),
     ("gptq_reference", {}),
     ("gptq_clip", {}),
     ("quip", {}),
@@ -88,8 +89,7 @@ def bench_layer(out_features, in_features, bits, methods, samples, device, repea
         best = float("inf")
         for attempt in range(warmup + repeats):
             if name == "gptq_reference":
-                grid = build_method("gptq", bits=bits).config.grid()
-                W_hat, seconds = _timed(lambda: reference_gptq(W, H, grid))
+                W_hat, seconds = _timed(lambda: reference_gptq(W, H, bits))
                 bits_per_weight = float("nan")
             else:
                 method = build_method(name, bits=bits, **options)

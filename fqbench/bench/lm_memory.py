@@ -40,7 +40,7 @@ def measure(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fqbench.methods import build_method
-    from fqbench.engine import capture_block_inputs, quantize_blocks
+    from fqbench.engine import quantize_model
     from fqbench.models.hf import LLAMA
 
     if threads:
@@ -60,9 +60,8 @@ def measure(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: i
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    inputs = capture_block_inputs(model, blocks, samples, lambda m, ids: m(input_ids=ids.to(device), use_cache=False),
-                                  device)
-    records, _ = quantize_blocks(blocks, inputs, build_method(method, bits=bits), device=device, progress=False)
+    records = quantize_model(model, LLAMA, samples, build_method(method, bits=bits), device=device,
+                             progress=False).records
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM") * 1024
     result = {

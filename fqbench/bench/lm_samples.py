@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     import torch
 
     from fqbench.methods import build_method
-    from fqbench.engine import capture_block_inputs, quantize_blocks, summarize
+    from fqbench.engine import quantize_model, summarize
     from fqbench.eval.perplexity import perplexity
     from fqbench.models.hf import load_causal_lm
 
@@ -78,11 +78,9 @@ def main(argv=None) -> None:
         name, options = parse_method(spec)
         method = build_method(name, **options)
         quantized = copy.deepcopy(model)
-        blocks = adapter.blocks(quantized)
         start = time.perf_counter()
-        inputs = capture_block_inputs(quantized, blocks, calibration.split(1),
-                                      lambda m, ids: m(input_ids=ids, use_cache=False), "cpu")
-        records, _ = quantize_blocks(blocks, inputs, method, device="cpu", seed=args.seed, progress=False)
+        records = quantize_model(quantized, adapter, calibration.split(1), method, device="cpu", seed=args.seed,
+                                 progress=False).records
         seconds = time.perf_counter() - start
         ppl = perplexity(quantized, adapter, evaluation, seqlen=args.seqlen, device="cpu").ppl
         summary = summarize(records)

@@ -1,14 +1,16 @@
-"""Layer-level quantization methods behind one interface.
+"""Quantization methods behind one registry and three tiers (layer, block, model).
 
     from fqbench.methods import build_method
     method = build_method("framequant", bits=2, redundancy=1.1, seed=0)
     qlayer = method.quantize(W, H)
+
+The built-in methods (``fqbench.methods.fp``, ``fqbench.methods.framequant`` and the
+``baselines`` package) register on first lookup, so importing this package imports no method.
 """
 
-from fqbench.methods.registry import METHODS, Method, build_method, method_from_config, register_method
+from fqbench.methods.registry import (
+    METHODS, TIERS, BlockMethod, LayerMethod, Method, ModelMethod, build_method, register_method, registered_methods,
+)
 
-# Importing the modules registers their methods.
-from fqbench.methods import fp, framequant  # noqa: E402,F401
-import baselines  # noqa: E402,F401
-
-__all__ = ["METHODS", "Method", "build_method", "method_from_config", "register_method"]
+__all__ = ["METHODS", "TIERS", "BlockMethod", "LayerMethod", "Method", "ModelMethod", "build_method",
+           "register_method", "registered_methods"]

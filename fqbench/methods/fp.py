@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fqbench.methods.layers import DenseLayer
-from fqbench.methods.registry import Method, register_method
+from fqbench.methods.registry import LayerMethod, register_method
+from fqbench.quantized import DenseWeight
 
 
-@dataclass(frozen=True)
+@dataclass
 class FPConfig:
     pass
 
 
 @register_method("fp")
-class FullPrecision(Method):
+class FullPrecision(LayerMethod):
     Config = FPConfig
 
     @property
@@ -22,4 +22,4 @@ class FullPrecision(Method):
         return None
 
     def _quantize(self, W, H, seed):
-        return DenseLayer(W)
+        return DenseWeight(W)

@@ -9,20 +9,21 @@ costs ``bits * r`` instead of ``bits * r^2`` per weight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fqbench.frames.operator import FrameOperator
-from fqbench.methods.pipeline import Transforms, quantize_weight
-from fqbench.methods.registry import Method, register_method
+from fqbench.methods.pipeline import Transforms, grid_quantizer, quantize_weight
+from fqbench.methods.registry import LayerMethod, register_method
 from fqbench.quant.grids import GridSpec, check_bits
 from fqbench.quant.solver import SolverOptions
+from fqbench.quantized.activations import check_act_bits
 from fqbench.seeding import derive_seed
 
 REDUNDANCY_SIDES = ("both", "input")
 
 
-@dataclass(frozen=True)
-class FrameQuantConfig(SolverOptions):
+@dataclass
+class FrameQuantConfig:
     bits: int = 2
     redundancy: float = 1.0
     redundancy_sides: str = "both"
@@ -34,16 +35,16 @@ class FrameQuantConfig(SolverOptions):
     denoise: bool = False
     act_bits: int | None = None
     seed: int = 0
+    solver: SolverOptions = field(default_factory=SolverOptions)
 
     def __post_init__(self):
-        super().__post_init__()
         check_bits(self.bits)
         if not (self.redundancy >= 1.0 and self.redundancy < float("inf")):
             raise ValueError(f"redundancy={self.redundancy!r}: a frame needs redundancy >= 1 (1.0 = no redundancy)")
         if self.redundancy_sides not in REDUNDANCY_SIDES:
             raise ValueError(f"redundancy_sides={self.redundancy_sides!r}; choose one of {REDUNDANCY_SIDES}")
-        if self.act_bits is not None and not 2 <= self.act_bits <= 16:
-            raise ValueError(f"act_bits={self.act_bits!r}: use 2..16 bits, or None for full-precision activations")
+        if self.act_bits is not None:
+            check_act_bits(self.act_bits)
 
     def grid(self) -> GridSpec:
         if self.clip_sigma is None:
@@ -52,7 +53,7 @@ class FrameQuantConfig(SolverOptions):
 
 
 @register_method("framequant")
-class FrameQuant(Method):
+class FrameQuant(LayerMethod):
     Config = FrameQuantConfig
 
     @property
@@ -70,4 +71,4 @@ class FrameQuant(Method):
             denoise=c.denoise,
             act_bits=c.act_bits,
         )
-        return quantize_weight(W, H, c.grid(), SolverOptions.from_config(c), c.clip_sigma, transforms)
+        return quantize_weight(W, H, grid_quantizer(c.grid(), c.solver), c.solver, c.clip_sigma, transforms)

@@ -1,7 +1,7 @@
 """The shared layer-quantization pipeline behind GPTQ, QuIP and FrameQuant.
 
     rescale (QuIP) -> normalise H -> transform (rotations / frames) -> clip -> GPTQ solver
-    -> optional Wiener gain -> quantized layer
+    (with any column quantizer: scalar grids, codebooks) -> optional Wiener gain -> quantized weight
 
 Each method is a choice of these steps; there is no second copy of any of them.
 """
@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from fqbench.frames.operator import FrameOperator
-from fqbench.methods.layers import GridLayer, QuantizedLayer, TransformedLayer
 from fqbench.quant.grids import GridSpec, clip_rows
+from fqbench.quant.quantizer import ColumnQuantizer, GridQuantizer
 from fqbench.quant.solver import SolverOptions, gptq_solve
+from fqbench.quantized import GridWeight, QuantizedWeight, TransformedWeight
+from fqbench.quantized.activations import PerTokenQuantizer
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,17 @@ class Transforms:
     act_bits: int | None = None  # per-token quantization of transformed inputs at inference
 
 
-def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, solver: SolverOptions,
-                    clip_sigma: float | None = None, transforms: Transforms | None = None) -> QuantizedLayer:
+def grid_quantizer(grid: GridSpec, solver: SolverOptions) -> GridQuantizer:
+    """Scalar grids, per row or per group of the solver's ``groupsize`` columns."""
+    return GridQuantizer(grid, solver.groupsize, solver.static_groups)
+
+
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer, solver: SolverOptions,
+                    clip_sigma: float | None = None, transforms: Transforms | None = None) -> QuantizedWeight:
     H = H.to(W.device, torch.float64)
     if transforms is None:
-        result = gptq_solve(_clip(W.to(torch.float64), clip_sigma), H, grid, solver)
-        layer = _grid_layer(result, grid)
+        result = gptq_solve(_clip(W.to(torch.float64), clip_sigma), H, quantizer, solver)
+        layer = result.weight
         layer.info.update(damping=result.damping, hinv_dtype=str(result.hinv_dtype))
         return layer
 
@@ -51,28 +58,23 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, solver: So
     # normalised in float64, and an orthogonal transform does not amplify rounding.
     D = out_op.analysis(in_op.analysis(W.float()).T).T
     H_frame = in_op.analysis(in_op.analysis(H.float()).T)
-    result = gptq_solve(_clip(D, clip_sigma), H_frame, grid, solver)
-    inner = _grid_layer(result, grid)
+    result = gptq_solve(_clip(D, clip_sigma), H_frame, quantizer, solver)
+    inner = result.weight
     if transforms.denoise:
         _apply_wiener_gain(inner, D, H_frame)
-    layer = TransformedLayer(inner, in_op, out_op, input_scale, transforms.act_bits)
+    coefficient_quantizer = None if transforms.act_bits is None else PerTokenQuantizer(transforms.act_bits)
+    layer = TransformedWeight(inner, in_op, out_op, input_scale, coefficient_quantizer)
     layer.info.update(
         damping=result.damping,
         hinv_dtype=str(result.hinv_dtype),
         in_transform=in_op.describe(),
         out_transform=out_op.describe(),
-        effective_redundancy=layer.effective_redundancy,
     )
     return layer
 
 
 def _clip(W: torch.Tensor, sigma: float | None) -> torch.Tensor:
     return W if sigma is None else clip_rows(W, sigma)
-
-
-def _grid_layer(result, grid: GridSpec) -> GridLayer:
-    return GridLayer(result.codes, result.scale, result.zero, result.group_index,
-                     grid.bits, grid.integer_zero, grid.shared_scale)
 
 
 def _rescale(W: torch.Tensor, H: torch.Tensor):
@@ -90,7 +92,7 @@ def _rescale(W: torch.Tensor, H: torch.Tensor):
     return W * s, H / s[:, None] / s[None, :], inv_s.float()
 
 
-def _apply_wiener_gain(inner: GridLayer, D: torch.Tensor, H_frame: torch.Tensor) -> None:
+def _apply_wiener_gain(inner: QuantizedWeight, D: torch.Tensor, H_frame: torch.Tensor) -> None:
     """Scale each row of ``D_hat`` by its linear MMSE gain (a diagonal Wiener filter).
 
     Output coefficient i of the layer is ``z_i = D_i c`` for frame-space inputs
@@ -102,9 +104,11 @@ def _apply_wiener_gain(inner: GridLayer, D: torch.Tensor, H_frame: torch.Tensor)
     and the solver's error feedback, which are not independent of the weights.
     The gain is folded into the float16 scales, so it costs nothing to store.
     """
+    if not isinstance(inner, GridWeight) or inner.scale_rows != inner.out_features:
+        raise ValueError("denoise folds a Wiener gain into per-row grid scales; this quantizer has none")
     D_hat = inner.weight().to(H_frame.dtype)
     projected = D_hat @ H_frame
     cross = (projected * D.to(H_frame.dtype)).sum(dim=1)
     power = (projected * D_hat).sum(dim=1)
     gain = torch.where(power > 0, cross / power, torch.ones_like(power))
-    inner.scale.copy_((inner.scale * gain[:, None].float()).half().float())
+    inner.scale.copy_((inner.scale.float() * gain[:, None].float()).to(inner.scale.dtype))

@@ -14,19 +14,28 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fqbench.models.layout import Block, Layout
+from fqbench.models.adapter import Block, Layout
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 @dataclass(frozen=True)
 class CausalLMAdapter:
+    """A ``ModelAdapter`` (``fqbench.models.adapter``) for decoder-only causal LMs."""
+
     name: str
     layout: Layout
     head: tuple[str, ...]  # modules applied in order after the last block; absent (None) ones are skipped
+    full_precision: tuple[str, ...] = ("embeddings", "lm_head")
 
     def blocks(self, model: nn.Module) -> list[Block]:
         return self.layout.find_blocks(model)
+
+    def run(self, model: nn.Module, ids: torch.Tensor, device):
+        return model(input_ids=ids.to(device), use_cache=False)
+
+    def block_kwargs(self, index: int, kwargs: dict) -> dict:
+        return kwargs
 
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
         modules = []

@@ -9,7 +9,9 @@ A checkpoint is a directory with two files:
 - ``config.json``: the model's own config (Hugging Face's, or timm's
   ``architecture``/``model_args``) with a ``quantization_config`` entry: the format
   version, the fqbench version and git sha, the method and its options, the dtype,
-  tied weights, model-level bits, and per quantized layer its metadata.
+  tied weights, model-level bits, per quantized layer its metadata, the activation
+  quantizers that are modules of their own (e.g. on attention probabilities) and the
+  module attributes the quantized forward needs (``fused_attn: false``).
 
 Loading rebuilds the architecture from ``config.json`` and fills it from
 ``model.safetensors``, nothing else:
@@ -19,9 +21,10 @@ Loading rebuilds the architecture from ``config.json`` and fills it from
     model = load_quantized("out/packed", mode="packed")  # weights stay packed (fqbench.packing.modules)
 
 ``dequantized`` puts ``layer.weight()`` into every nn.Linear exactly as the engine
-does (layers with activation quantization become ``QuantizedLinear``), so outputs
-are bit-identical to the fake-quantized model when the weights are computed on the
-same kind of device as during quantization (``device=``).
+does (layers with activation quantizers become ``QuantLinear``), so outputs are
+bit-identical to the fake-quantized model when the weights are computed on the same
+kind of device as during quantization (``device=``); ``packed`` makes every quantized
+linear a ``QuantLinear`` whose weight keeps its codes bit-packed.
 """
 
 from __future__ import annotations
@@ -40,36 +43,40 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fqbench
-from fqbench.methods import METHODS
-from fqbench.methods.layers import QuantizedLayer, QuantizedLinear
-from fqbench.packing.format import PackedFormatError, pack_layer, unpack_layer
+from fqbench.methods import registered_methods
+from fqbench.packing.format import (
+    FORMAT_VERSION, QUANTIZER_SLOTS, READABLE_VERSIONS, PackedFormatError, layer_module, pack_layer, unpack_layer,
+    upgrade_layer,
+)
 from fqbench.packing.models import build_model, describe_model
-from fqbench.packing.modules import LUT_ROWS, packed_module
+from fqbench.packing.names import CONFIG_NAME, INFIX, QUANT_METHOD, WEIGHTS_NAME
 from fqbench.packing.safetensors_file import METADATA
+from fqbench.quantized import ActivationQuantizer, QuantizedWeight, QuantLinear, quantizer_from_state
+from fqbench.quantized.base import StateError, sub_state
 
-FORMAT_VERSION = 1
-QUANT_METHOD = "fqbench"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-INFIX = "quantized"
 MODES = ("dequantized", "packed")
+# Module attributes that change a module's forward without being part of the model's config
+# (timm attention's fused path hides the probabilities from their quantizer): recorded when they
+# differ from a freshly built model, and set again on load.
+FORWARD_ATTRIBUTES = ("fused_attn",)
 
 
 # --- saving ------------------------------------------------------------------------------
 
 
-def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], directory: str | os.PathLike, *,
+def save_quantized(model: nn.Module, layers: dict[str, QuantizedWeight], directory: str | os.PathLike, *,
                    method, timm_name: str | None = None, timm_kwargs: dict | None = None,
                    device: str | torch.device = "cpu", overwrite: bool = False,
                    write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``model`` (fake-quantized by the engine) with its quantized ``layers`` packed.
+    """Write ``model`` (quantized by the engine) with its quantized ``layers`` packed.
 
-    ``layers``: the engine's ``{full_name: QuantizedLayer}`` (``keep_layers=True``).
-    ``method``: the ``Method`` (or its registered name). timm models need the
-    ``timm_kwargs`` they were created with (``timm_name`` defaults to the model's
-    architecture). Every layer is checked to be the one in the model: its weight is
-    recomputed on ``device`` (use the quantization device) and must equal the model's.
-    ``write_extra(tmp_dir)`` adds files (e.g. a tokenizer) before the directory appears.
+    ``layers``: the engine's ``{full_name: QuantizedWeight}`` (``keep_layers=True``): each one is the
+    fake-quantized weight of an ``nn.Linear`` or the weight of a ``QuantLinear`` (whose activation
+    quantizers are stored with it). ``method``: the ``Method`` (or its registered name). timm models need
+    the ``timm_kwargs`` they were created with (``timm_name`` defaults to the model's architecture).
+    Every layer is checked to be the one in the model: its weight is recomputed on ``device`` (use the
+    quantization device) and must equal the model's. ``write_extra(tmp_dir)`` adds files (e.g. a
+    tokenizer) before the directory appears.
     """
     directory = Path(directory)
     if directory.exists() and not overwrite:
@@ -82,12 +89,17 @@ def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], director
     tensors, aliases = _regular_tensors(model, layers)
     metas = {}
     for name, layer in layers.items():
-        _check_layer_in_model(model, name, layer, device)
-        layer_tensors, metas[name] = pack_layer(layer)
-        weight = getattr(model.get_submodule(name), "weight", None)  # a fake-quantized nn.Linear's dtype
-        metas[name]["weight_dtype"] = None if weight is None else str(weight.dtype).removeprefix("torch.")
+        module = _check_layer_in_model(model, name, layer, device)
+        quantizers = {slot: getattr(module, slot) for slot in QUANTIZER_SLOTS
+                      if isinstance(module, QuantLinear) and getattr(module, slot) is not None}
+        layer_tensors, metas[name] = pack_layer(layer, quantizers)
+        # the dtype a fake-quantized nn.Linear holds its weight in (a QuantLinear computes it)
+        metas[name]["weight_dtype"] = None if isinstance(module, QuantLinear) else _dtype_name(module.weight.dtype)
         tensors.update({f"{name}.{INFIX}.{key}": t for key, t in layer_tensors.items()})
     skeleton = build_model(library, model_config, dtype, attn, device="meta")
+    attributes = _forward_attributes(model, skeleton)
+    standalone = {path: q.meta() for path, q in _standalone_quantizers(model).items()}
+    _prepare(skeleton, attributes, standalone, {k: v for k, v in tensors.items() if not _is_quantized_key(k, metas)})
     _check_coverage(skeleton, {k: t for k, t in tensors.items() if not _is_quantized_key(k, metas)}, metas, aliases)
 
     weights = {name: m["shape"][0] * m["shape"][1] for name, m in metas.items()}
@@ -102,10 +114,12 @@ def save_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], director
         "method": method_name,
         "method_config": method_config,
         "model_library": library,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": _dtype_name(dtype),
         "attn_implementation": attn,
         "tied_tensors": aliases,
         "buffer_dtypes": _recomputed_buffer_dtypes(model),
+        "module_attributes": attributes,
+        "activation_quantizers": standalone,
         "bits_per_weight": sum(m["bits_per_weight"] * weights[n] for n, m in metas.items()) / total if total else None,
         "nominal_bits": sum(m["nominal_bits"] * weights[n] for n, m in metas.items()) / total if total else None,
         "layers": metas,
@@ -119,8 +133,9 @@ def _method_record(method) -> tuple[str, dict]:
         name, config = method, {}
     else:
         name, config = method.name, asdict(method.config) if is_dataclass(method.config) else {}
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+    methods = registered_methods()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(methods))}")
     return name, config
 
 
@@ -133,18 +148,18 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _regular_tensors(model: nn.Module, layers: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's tensors other than quantized weights, each storage once; and ``{alias: stored name}``."""
+    """The model's tensors other than quantized layers', each storage once; and ``{alias: stored name}``."""
     state = model.state_dict()
     skip = set()
     for name in layers:
         module = _submodule(model, name)
         if isinstance(module, nn.Linear):
             skip.add(f"{name}.weight")
-        elif isinstance(module, QuantizedLinear):
-            skip.update(k for k in state if k.startswith(f"{name}.qlayer."))
+        elif isinstance(module, QuantLinear):
+            skip.update(k for k in state if k.startswith(f"{name}.") and k != f"{name}.bias")
         else:
             raise ValueError(f"{name} is a {type(module).__name__}; quantized layers must be nn.Linear "
-                             f"(fake-quantized) or QuantizedLinear modules")
+                             f"(fake-quantized) or QuantLinear modules")
     stored: dict[tuple, str] = {}
     tensors, aliases = {}, {}
     for key, t in state.items():
@@ -160,6 +175,42 @@ def _regular_tensors(model: nn.Module, layers: dict) -> tuple[dict[str, torch.Te
     return tensors, aliases
 
 
+def _standalone_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """Activation quantizers that are modules of the model in their own right (not inside a QuantLinear)."""
+    inside = {id(m) for module in model.modules() if isinstance(module, QuantLinear) for m in module.modules()}
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, ActivationQuantizer) and id(module) not in inside}
+
+
+def _forward_attributes(model: nn.Module, skeleton: nn.Module) -> dict[str, dict]:
+    """``{module path: {attribute: value}}`` where the model's forward flags differ from a freshly built model."""
+    changed: dict[str, dict] = {}
+    modules = dict(model.named_modules())
+    for path, fresh in skeleton.named_modules():
+        for attr in FORWARD_ATTRIBUTES:
+            if hasattr(fresh, attr) and path in modules and getattr(modules[path], attr, None) != getattr(fresh, attr):
+                changed.setdefault(path, {})[attr] = getattr(modules[path], attr)
+    return changed
+
+
+def _prepare(model: nn.Module, attributes: dict, quantizers: dict, regular: dict[str, torch.Tensor]) -> None:
+    """Set the recorded forward attributes and install the standalone activation quantizers (their stored
+    tensors are regular tensors of the model: ``<path>.<parameter>``)."""
+    for path, values in attributes.items():
+        module = _submodule(model, path)
+        for attr, value in values.items():
+            if attr not in FORWARD_ATTRIBUTES:
+                raise PackedFormatError(f"config.json sets {path}.{attr}, which is not a recorded forward attribute")
+            setattr(module, attr, value)
+    for path, meta in quantizers.items():
+        try:
+            quantizer = quantizer_from_state(sub_state(regular, path), meta, path)
+        except StateError as error:
+            raise PackedFormatError(str(error)) from error
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        _replace(model, path, quantizer.to(device))
+
+
 def _recomputed_buffer_dtypes(model: nn.Module) -> dict[str, str]:
     """Dtypes of the floating-point buffers that are not saved (e.g. rotary frequencies): the rebuilt model
     recomputes them, and must cast them as the evaluated model had them."""
@@ -168,12 +219,12 @@ def _recomputed_buffer_dtypes(model: nn.Module) -> dict[str, str]:
             if name not in saved and b.is_floating_point()}
 
 
-def _check_layer_in_model(model: nn.Module, name: str, layer: QuantizedLayer, device) -> None:
+def _check_layer_in_model(model: nn.Module, name: str, layer: QuantizedWeight, device) -> nn.Module:
     module = _submodule(model, name)
-    if isinstance(module, QuantizedLinear):
-        if module.qlayer is not layer and not torch.equal(module.qlayer.weight(), layer.weight()):
-            raise ValueError(f"layer {name}: the QuantizedLinear in the model holds a different quantized layer")
-        return
+    if isinstance(module, QuantLinear):
+        if module.quantized is not layer and not torch.equal(module.quantized.weight(), layer.weight()):
+            raise ValueError(f"layer {name}: the QuantLinear in the model holds a different quantized weight")
+        return module
     if (module.out_features, module.in_features) != (layer.out_features, layer.in_features):
         raise ValueError(f"layer {name}: quantized shape {(layer.out_features, layer.in_features)} differs from the "
                          f"model's linear {(module.out_features, module.in_features)}")
@@ -183,6 +234,7 @@ def _check_layer_in_model(model: nn.Module, name: str, layer: QuantizedLayer, de
     if not torch.equal(weight, module.weight):
         raise ValueError(f"layer {name}: the model's weight is not this layer's weight(); save the layers the engine "
                          f"returned for this model, and pass the device it quantized on (device=...)")
+    return module
 
 
 def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bool, write_extra=None) -> None:
@@ -208,6 +260,10 @@ def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bo
         raise
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _json_default(value):
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
@@ -220,18 +276,6 @@ def _git_sha() -> str | None:
     from fqbench.records import git_sha
 
     return git_sha()
-
-
-def save_run(model: nn.Module, layers: dict[str, QuantizedLayer], method, output_dir: str | os.PathLike, *,
-             device, tokenizer=None, **source) -> dict:
-    """What a pipeline calls with ``save=true``: the packed model in ``<output_dir>/packed`` (with the
-    tokenizer, if any), returning ``{"directory": ..., **checkpoint_sizes}`` for ``result.json``."""
-    from fqbench.packing.sizes import checkpoint_sizes
-
-    directory = Path(output_dir) / "packed"
-    save_quantized(model, layers, directory, method=method, device=device, overwrite=True,
-                   write_extra=None if tokenizer is None else tokenizer.save_pretrained, **source)
-    return {"directory": str(directory), **checkpoint_sizes(directory)}
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -251,26 +295,29 @@ def read_checkpoint_config(directory: str | os.PathLike) -> tuple[dict, dict]:
         raise PackedFormatError(f"{path} has no fqbench quantization_config (quant_method={QUANT_METHOD!r}); "
                                 f"it is not a packed checkpoint written by fqbench")
     version = qc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise PackedFormatError(f"{path}: format_version {version!r} is not readable by fqbench "
-                                f"{fqbench.__version__} (reads up to {FORMAT_VERSION}); upgrade fqbench")
+                                f"{fqbench.__version__}, which reads versions {READABLE_VERSIONS}"
+                                + ("; upgrade fqbench" if isinstance(version, int) and version > FORMAT_VERSION else ""))
+    methods = registered_methods()
     method = qc.get("method")
-    if method not in METHODS:
+    if method not in methods:
         raise PackedFormatError(f"{path}: unknown method {method!r} in quantization_config; this fqbench knows "
-                                f"{', '.join(sorted(METHODS))}")
+                                f"{', '.join(sorted(methods))}")
     for key in ("model_library", "dtype", "layers"):
         if key not in qc:
             raise PackedFormatError(f"{path}: quantization_config lacks {key!r}")
     return config, qc
 
 
-def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", device: str | torch.device = "cpu",
-                   lut_rows: int = LUT_ROWS) -> nn.Module:
+def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized",
+                   device: str | torch.device = "cpu") -> nn.Module:
     """The model of a packed checkpoint, rebuilt from its config and tensors only, in eval mode on ``device``.
 
-    ``mode="dequantized"``: nn.Linear weights hold ``layer.weight()`` (bit-identical to
-    the evaluated fake-quantized model). ``mode="packed"``: quantized linears become
-    ``PackedLinear`` / ``FrameLinear`` modules that keep the codes packed.
+    ``mode="dequantized"``: nn.Linear weights hold ``layer.weight()`` (bit-identical to the evaluated
+    fake-quantized model; layers with activation quantizers become ``QuantLinear``). ``mode="packed"``:
+    every quantized linear becomes a ``QuantLinear`` whose weight keeps its codes packed.
+    Checkpoints of format version 1 are read too.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -291,26 +338,29 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
             regular[key] = t
         else:
             per_layer[owner][key[len(owner) + len(INFIX) + 2:]] = t
+    if qc["format_version"] == 1:
+        for name in metas:
+            metas[name], per_layer[name] = upgrade_layer(metas[name], per_layer[name])
     aliases = qc.get("tied_tensors", {})
+    _prepare(model, qc.get("module_attributes", {}), qc.get("activation_quantizers", {}), regular)
     _check_coverage(model, regular, metas, aliases)
     _assign(model, regular, aliases)
     _cast_recomputed_buffers(model, qc.get("buffer_dtypes", {}))
 
+    layout = "packed" if mode == "packed" else "plain"
     for name, meta in metas.items():
         linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear) or [linear.out_features, linear.in_features] != list(meta["shape"]):
             raise PackedFormatError(f"layer {name}: the model built from config.json has {linear} there, not a "
                                     f"linear layer of shape {meta['shape']}")
-        if mode == "packed":
-            _replace(model, name, packed_module(name, meta, per_layer[name], linear.bias, lut_rows=lut_rows))
-            continue
-        layer = unpack_layer(name, meta, per_layer[name]).to(device)
-        if getattr(layer, "act_bits", None) is not None:
-            _replace(model, name, QuantizedLinear(layer, linear.bias))
+        weight, quantizers = unpack_layer(f"{name}.{INFIX}", meta, per_layer[name], layout)
+        weight = weight.to(device)
+        if mode == "packed" and weight.kind != "dense" or quantizers or weight.quantizes_activations:
+            _replace(model, name, layer_module(weight, {k: q.to(device) for k, q in quantizers.items()}, linear.bias))
         else:
             dtype = getattr(torch, meta.get("weight_dtype") or "", linear.weight.dtype)
             with torch.no_grad():
-                linear.weight.data = layer.weight().to(dtype)
+                linear.weight.data = weight.weight().to(dtype)
     return model.to(device).eval()
 
 

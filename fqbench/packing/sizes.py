@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fqbench.packing.checkpoint import CONFIG_NAME, INFIX, WEIGHTS_NAME, read_checkpoint_config
+from fqbench.packing.checkpoint import read_checkpoint_config
+from fqbench.packing.names import CONFIG_NAME, INFIX, WEIGHTS_NAME
 from fqbench.packing.safetensors_file import file_size, read_header, tensor_bytes
 
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}

@@ -15,19 +15,18 @@ import logging
 import time
 
 from fqbench.data.text import DataFiles, calibration_windows, eval_tokens
-from fqbench.engine import capture_block_inputs, quantize_blocks, summarize
+from fqbench.engine import quantize_model, summarize
 from fqbench.eval.perplexity import perplexity
-from fqbench.methods import METHODS
 from fqbench.models.hf import load_causal_lm, max_positions
+from fqbench.pipelines.saving import save_run
 
 log = logging.getLogger("fqbench")
 
 
 def run(cfg, method, device, output_dir) -> dict:
-    if hasattr(method, "quantize_model"):
-        layer_level = sorted(name for name, cls in METHODS.items() if not hasattr(cls, "quantize_model"))
-        raise ValueError(f"method {method.name!r} quantizes whole vision models; the language-model pipeline runs "
-                         f"layer-level methods: {', '.join(layer_level)}")
+    if method.tier == "model":
+        raise ValueError(f"method {method.name!r} calibrates whole vision models (a model-tier method); the "
+                         f"language-model pipeline runs layer and block methods")
     source = cfg.model.get("path") or cfg.model.get("name")
     if not source:
         raise ValueError("the model config needs model.path (a local checkpoint directory) or model.name (a hub name)")
@@ -47,14 +46,10 @@ def run(cfg, method, device, output_dir) -> dict:
         evaluate(model, tokenizer, adapter, eval_sets, cfg, device, metrics, details, prefix="fp_")
 
     start = time.perf_counter()
-    blocks = adapter.blocks(model)
-    inputs = capture_block_inputs(model, blocks, calibration.windows,
-                                  lambda m, ids: m(input_ids=ids.to(device), use_cache=False), device)
     # keep_layers: the quantized layers, for saving packed models when cfg.save is set.
-    records, kept = quantize_blocks(blocks, inputs, method, device=device, seed=cfg.seed,
-                                    true_sequential=cfg.engine.true_sequential,
-                                    keep_layers=bool(cfg.get("save", False)), progress=cfg.engine.progress)
-    del inputs
+    quantized = quantize_model(model, adapter, calibration.windows, method, device=device, seed=cfg.seed,
+                               true_sequential=cfg.engine.true_sequential, keep_layers=bool(cfg.get("save", False)),
+                               progress=cfg.engine.progress)
     quantize_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -62,13 +57,11 @@ def run(cfg, method, device, output_dir) -> dict:
     eval_seconds = time.perf_counter() - start
     saved = {}
     if cfg.get("save", False):  # the evaluated model, packed: <output_dir>/packed (fqbench.packing)
-        from fqbench.packing import save_run
-
-        saved["packed"] = save_run(model, kept, method, output_dir, device=device, tokenizer=tokenizer)
+        saved["packed"] = save_run(model, quantized.layers, method, output_dir, device=device, tokenizer=tokenizer)
     return {
         "metrics": metrics,
-        "layers": [record.to_dict() for record in records],
-        "summary": summarize(records),
+        "layers": [record.to_dict() for record in quantized.records],
+        "summary": summarize(quantized.records),
         "model": str(source),
         "model_type": model.config.model_type,
         "adapter": adapter.name,

@@ -5,9 +5,9 @@
 2. Load the evaluation split and draw ``calib.nsamples`` random training images
    (seeded by ``seed``) first, so that missing data fails the job early.
 3. Optionally evaluate the full-precision model (``eval.fp_baseline``).
-4. Quantize: layer-level methods through the sequential engine over the
-   layout's units; model-level methods (a ``quantize_model``, e.g. PTQ4ViT-style)
-   with the same units, calibration images and device.
+4. Quantize with the engine (``fqbench.engine.quantize_model``), whatever the method's tier:
+   layer and block methods block by block over the adapter's blocks, model methods (the
+   PTQ4ViT-style baseline) on the whole model, with the same calibration images and device.
 5. Top-1 / top-5 accuracy on the evaluation split.
 """
 
@@ -19,20 +19,18 @@ import time
 import timm.data
 
 from fqbench.data.vision import calibration_images, evaluation_subset, load_split
-from fqbench.engine import capture_block_inputs, quantize_blocks, summarize
+from fqbench.engine import quantize_model, summarize
 from fqbench.eval.imagenet import evaluate_classifier
-from fqbench.models.timm import layout_for, load_timm_model
+from fqbench.models.timm import adapter_for, load_timm_model
+from fqbench.pipelines.saving import save_run
 
 log = logging.getLogger("fqbench")
 
 
 def run(cfg, method, device, output_dir) -> dict:
     save = bool(cfg.get("save", False))
-    if save and hasattr(method, "quantize_model"):
-        raise ValueError(f"save=true: {method.name} quantizes the whole model with activation hooks, which the "
-                         f"packed format (fqbench.packing) cannot store; use a layer-level method or save=false")
-    layout = layout_for(cfg.model.family)
     model = load_timm_model(cfg.model)
+    adapter = adapter_for(cfg.model.get("family", "auto"), model)
     data_config = timm.data.resolve_model_data_config(model)
     transform = timm.data.create_transform(**data_config, is_training=False)
     dataset = cfg.model.dataset
@@ -51,16 +49,9 @@ def run(cfg, method, device, output_dir) -> dict:
         model.cpu()
 
     start = time.perf_counter()
-    progress = cfg.engine.progress
-    if hasattr(method, "quantize_model"):
-        records = method.quantize_model(model, layout, batches, device=device, seed=cfg.seed, progress=progress)
-    else:
-        units = layout.units(model)
-        inputs = capture_block_inputs(model, units, batches, lambda m, x: m(x.to(device)), device)
-        records, kept = quantize_blocks(units, inputs, method, device=device, seed=cfg.seed,
-                                        true_sequential=cfg.engine.true_sequential, keep_layers=save,
-                                        progress=progress)
-        del inputs
+    quantized = quantize_model(model, adapter, batches, method, device=device, seed=cfg.seed,
+                               true_sequential=cfg.engine.true_sequential, keep_layers=save,
+                               progress=cfg.engine.progress)
     quantize_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -71,18 +62,17 @@ def run(cfg, method, device, output_dir) -> dict:
     eval_seconds = time.perf_counter() - start
     saved = {}
     if save:  # the evaluated model, packed: <output_dir>/packed (fqbench.packing)
-        from fqbench.packing import save_run
-
-        saved["packed"] = save_run(model, kept, method, output_dir, device=device, timm_name=cfg.model.name,
-                                   timm_kwargs=dict(cfg.model.get("kwargs") or {}))
+        saved["packed"] = save_run(model, quantized.layers, method, output_dir, device=device,
+                                   timm_name=cfg.model.name, timm_kwargs=dict(cfg.model.get("kwargs") or {}))
     return {
         "metrics": metrics,
-        "layers": [record.to_dict() for record in records],
-        "summary": summarize(records),
+        "layers": [record.to_dict() for record in quantized.records],
+        "summary": summarize(quantized.records),
         "model": cfg.model.name,
-        "family": cfg.model.family,
+        "family": cfg.model.get("family", "auto"),
+        "adapter": adapter.name,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "full_precision_modules": list(layout.full_precision),
+        "full_precision_modules": list(adapter.full_precision),
         "expected_top1": cfg.model.get("expected_top1"),
         "paper_top1": cfg.model.get("paper_top1"),
         "data_config": data_config,

@@ -15,9 +15,14 @@ code ``q = clamp(round(w / scale_i + zero_i), 0, 2^bits - 1)`` and the value
 - ``quip``: QuIP's grid: ``2^bits`` evenly spaced levels on ``[-s, s]`` with
   ``s = 2.4 * RMS`` over the whole block (one scale shared by all rows).
 
-Scales (and float zero points) are rounded to float16 when fitted: that is what
-a packed model stores, so the fake-quantized and the packed model agree
-exactly and the bit accounting is honest.
+Scales (and float zero points) are rounded to ``scale_dtype`` when fitted:
+float16 by default, what a packed model stores, so the fake-quantized and the
+packed model agree exactly and the bit accounting is honest; ``float32`` keeps
+them as computed, as the reference implementations do (reference-exact mode:
+packed models then store 32-bit scales and count them).
+
+Codes of an integer zero point are ``round(w / scale) + zero`` (as IST-DASLab's
+GPTQ computes them); a float zero point is added before rounding.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import torch
 
 GRID_KINDS = ("minmax", "sigma", "quip")
 ZERO_POINTS = ("integer", "float")
+SCALE_DTYPES = ("float16", "float32")
 
-SCALE_BITS = 16  # float16 scales, as stored by the packed format
 FLOAT16_MIN_NORMAL = 2.0**-14
 FLOAT16_MAX = 65504.0
 
@@ -49,9 +54,12 @@ class GridSpec:
     mse: bool = False
     clip_sigma: float = 2.0
     zero_point: str = "integer"
+    scale_dtype: str = "float16"
 
     def __post_init__(self):
         check_bits(self.bits)
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown scale_dtype {self.scale_dtype!r}; choose one of {SCALE_DTYPES}")
         if self.kind not in GRID_KINDS:
             raise ValueError(f"unknown grid kind {self.kind!r}; choose one of {GRID_KINDS}")
         if self.zero_point not in ZERO_POINTS:
@@ -86,19 +94,24 @@ class GridSpec:
             scale, zero = _fit_sigma(w, self.maxq, self.clip_sigma, self.zero_point == "integer")
         else:
             scale, zero = _fit_quip(w, self.maxq)
-        return AffineGrid(scale, zero, self.maxq)
+        if self.scale_dtype == "float16":
+            scale, zero = _to_float16_grid(scale, zero, self.integer_zero)
+        return AffineGrid(scale, zero, self.maxq, self.integer_zero)
 
 
 @dataclass
 class AffineGrid:
-    scale: torch.Tensor  # (rows,) float32, exactly representable in float16
+    scale: torch.Tensor  # (rows,) float32, exactly representable in the spec's scale_dtype
     zero: torch.Tensor  # (rows,) float32
     maxq: int
+    integer_zero: bool = True
 
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         """Integer codes (as float) for ``w``: (rows,) or (rows, cols)."""
         scale, zero = self._broadcast(w)
-        # Rounding after adding the zero point keeps codes integral for float zero points too.
+        if self.integer_zero:
+            return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        # Rounding after adding the zero point keeps codes integral for float zero points.
         return torch.clamp(torch.round(w / scale + zero), 0, self.maxq)
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
@@ -137,7 +150,7 @@ def _fit_minmax(w: torch.Tensor, maxq: int, symmetric: bool, mse: bool):
     scale, zero = _minmax_params(xmin, xmax, maxq, symmetric)
     if mse:
         scale, zero = _shrink_search(w, xmin, xmax, maxq, symmetric, scale, zero)
-    return _to_float16_grid(scale, zero, integer_zero=not symmetric)
+    return scale, zero
 
 
 def _minmax_params(xmin, xmax, maxq, symmetric):
@@ -155,7 +168,7 @@ def _shrink_search(w, xmin, xmax, maxq, symmetric, scale, zero, steps=100, maxsh
     for i in range(int(maxshrink * steps)):
         p = 1 - i / steps
         cand_scale, cand_zero = _minmax_params(p * xmin, p * xmax, maxq, symmetric)
-        grid = AffineGrid(cand_scale, cand_zero, maxq)
+        grid = AffineGrid(cand_scale, cand_zero, maxq, integer_zero=not symmetric)
         err = (grid.decode(grid.encode(w)) - w).abs().pow(norm).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)
@@ -175,11 +188,13 @@ def _fit_sigma(w: torch.Tensor, maxq: int, sigma: float, integer_zero: bool):
         # A constant row has no spread to fit: fall back to min-max, which represents it exactly.
         mm_scale, mm_zero = _fit_minmax(w[constant], maxq, symmetric=False, mse=False)
         scale[constant], zero[constant] = mm_scale, mm_zero
-    return _to_float16_grid(scale, zero, integer_zero)
+    if integer_zero:
+        zero = zero.round()
+    return scale, zero
 
 
 def _fit_quip(w: torch.Tensor, maxq: int):
     s = 2.4 * w.square().mean().sqrt() + 1e-16
     scale = torch.full((w.shape[0],), float(2 * s / maxq), device=w.device)
     zero = torch.full_like(scale, maxq / 2)
-    return _to_float16_grid(scale, zero, integer_zero=False)
+    return scale, zero

@@ -1,7 +1,8 @@
 """The one GPTQ solver: Hessian-aware column-by-column rounding with error feedback.
 
-It serves GPTQ, QuIP's LDLQ (the same algorithm) and FrameQuant (run on the
-frame coefficients with the frame-space Hessian). Algorithm (Frantar et al.,
+It serves GPTQ, QuIP's LDLQ (the same algorithm), FrameQuant (run on the
+frame coefficients with the frame-space Hessian) and QuIP#'s BlockLDLQ (groups of
+columns quantized jointly): the quantizer is a parameter (``fqbench.quant.quantizer``). Algorithm (Frantar et al.,
 OPTQ): with ``U`` the upper Cholesky factor of ``H^-1``, quantize column ``i``,
 spread its error ``(w - q) / U[i, i]`` over the later columns of the block with
 ``U[i, i:]``, and apply the block's accumulated error to the remaining columns
@@ -10,14 +11,13 @@ in one matrix product (lazy batch update).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
-from fqbench.quant.grids import AffineGrid, GridSpec
+from fqbench.quant.quantizer import ColumnQuantizer
+from fqbench.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class SingularHessianError(RuntimeError):
     """The Hessian stayed singular even after escalating the damping."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class SolverOptions:
     """GPTQ options shared by every method that runs the solver."""
 
@@ -51,19 +51,12 @@ class SolverOptions:
                 "so that every group is fitted on up-to-date weights"
             )
 
-    @classmethod
-    def from_config(cls, config) -> "SolverOptions":
-        """The solver options of a method config that inherits these fields."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
 class SolverResult:
-    codes: torch.Tensor  # (rows, cols) uint8, original column order
-    scale: torch.Tensor  # (rows, groups) float32
-    zero: torch.Tensor  # (rows, groups) float32
-    group_index: torch.Tensor  # (cols,) int64: the group of every original column
-    dequantized: torch.Tensor  # (rows, cols) float32
+    weight: QuantizedWeight  # in original column order
+    dequantized: torch.Tensor  # (rows, cols) float32, original column order
     damping: float  # relative damping actually used (fraction of the mean diagonal)
     hinv_dtype: torch.dtype  # dtype the inverse Cholesky factor was computed in
 
@@ -98,24 +91,32 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, dtype=torch.float32):
     )
 
 
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, options: SolverOptions = SolverOptions()) -> SolverResult:
-    """Quantize ``W`` (rows, cols) on ``grid`` minimising ``tr(dW H dW^T)`` column by column."""
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
+               options: SolverOptions = SolverOptions()) -> SolverResult:
+    """Quantize ``W`` (rows, cols) with ``quantizer`` minimising ``tr(dW H dW^T)``, ``quantizer.width``
+    columns at a time.
+
+    One column (scalar grids): its error ``(w - q) / U[i, i]`` updates the later columns with
+    ``U[i, i+1:]``. A group of ``g`` columns quantized jointly (a vector codebook): the error
+    ``E = U_bb^-T (w_b - q_b)`` (a triangular solve with the group's g x g block of U) updates
+    the later columns with ``U[b, later]`` (BlockLDLQ; with g = 1 it is the scalar rule).
+    """
     rows, cols = W.shape
+    width = quantizer.width
+    if cols % width or options.blocksize % width:
+        raise ValueError(f"a quantizer of {width} columns at a time needs cols ({cols}) and blocksize "
+                         f"({options.blocksize}) to be multiples of {width}")
     W = W.to(torch.float32).clone()
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    groupsize = options.groupsize if options.groupsize > 0 else cols
-    num_groups = math.ceil(cols / groupsize)
-    static_grids = None
-    if options.static_groups and options.groupsize > 0:
-        static_grids = [grid.fit(W[:, g * groupsize:(g + 1) * groupsize]) for g in range(num_groups)]
-
     perm = None
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
+    quantizer.prepare(W, perm)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
 
@@ -128,49 +129,27 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, options: Solver
     WT = W.T.contiguous()
     del W
     QT = torch.empty_like(WT)
-    codesT = torch.empty(cols, rows, dtype=torch.uint8, device=WT.device)
-    scale = torch.empty(rows, num_groups, device=WT.device)
-    zero = torch.empty(rows, num_groups, device=WT.device)
-    position_group = torch.empty(cols, dtype=torch.long)
-    current: AffineGrid | None = None
-    current_group = -1
 
     for i1 in range(0, cols, options.blocksize):
         i2 = min(i1 + options.blocksize, cols)
         W1 = WT[i1:i2]  # a view: updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static_grids is not None:
-                g = (perm[col].item() if perm is not None else col) // groupsize
+        for i in range(0, i2 - i1, width):
+            dq = quantizer.quantize(WT, i1 + i)
+            QT[i1 + i:i1 + i + width] = dq
+            if width == 1:
+                err = (W1[i] - dq[0]) / U1[i, i]
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+                Err1[i] = err
             else:
-                g = col // groupsize
-            if g != current_group:
-                if static_grids is not None:
-                    current = static_grids[g]
-                else:
-                    # Fitted on up-to-date weights: the block's rows already carry its updates.
-                    current = grid.fit(WT[col:col + groupsize].T)
-                scale[:, g] = current.scale
-                zero[:, g] = current.zero
-                current_group = g
-            position_group[col] = g
-
-            w = W1[i]
-            q = current.encode(w)
-            dq = current.decode(q)
-            codesT[col] = q.to(torch.uint8)
-            QT[col] = dq
-            err = (w - dq) / U1[i, i]
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-            Err1[i] = err
+                j = i + width
+                err = torch.linalg.solve_triangular(U1[i:j, i:j].T, W1[i:j] - dq, upper=False)
+                W1[j:].addmm_(U1[i:j, j:].T, err, alpha=-1)
+                Err1[i:j] = err
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
 
-    codes, Q = codesT.T, QT.T
-    group_index = position_group.to(Q.device)
+    Q = QT.T
     if perm is not None:
-        inverse = torch.argsort(perm)
-        codes, Q = codes[:, inverse], Q[:, inverse]
-        group_index = group_index[inverse.to(group_index.device)]
-    return SolverResult(codes.contiguous(), scale, zero, group_index, Q.contiguous(), damping, hinv_dtype)
+        Q = Q[:, torch.argsort(perm)]
+    return SolverResult(quantizer.finish(), Q.contiguous(), damping, hinv_dtype)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import fmean
 
 from omegaconf import OmegaConf
 
-from fqbench.app import CONF_DIR
+from fqbench.config import compose
 from fqbench.records import FINISHED, iter_records
 from fqbench.report.paper import PaperValue
 from fqbench.report.specs import METRICS, Metric
@@ -41,8 +40,7 @@ def finished_records(root) -> list[dict]:
 class Recipes:
     """What a variant (plus overrides) composes to, from the app's own config tree."""
 
-    def __init__(self, conf_dir: Path = CONF_DIR):
-        self.conf_dir = Path(conf_dir)
+    def __init__(self):
         self._cache: dict[tuple, dict] = {}
 
     def expected(self, variant: str, overrides: tuple[str, ...] = ()) -> dict:
@@ -57,13 +55,7 @@ class Recipes:
 
 
     def _compose(self, overrides: list[str]):
-        from hydra import compose, initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
-
-        if GlobalHydra.instance().is_initialized():  # inside a Hydra app (or a test's compose context)
-            return compose("config", overrides=overrides)
-        with initialize_config_dir(config_dir=str(self.conf_dir), version_base="1.3"):
-            return compose("config", overrides=overrides)
+        return compose(overrides)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger("fqbench")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 RECIPE = {
     "epochs": 8,
     "batch_size": 64,
@@ -47,12 +46,9 @@ def cache_dir() -> Path:
 
 def model_config(overrides=()):
     """The composed ``model=mnist_vit`` config (random init: the weights are what we train)."""
-    from hydra import compose, initialize_config_dir
+    from fqbench.config import compose
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=mnist_vit", "model.pretrained=false",
-                                                        "model.checkpoint=null", *overrides])
-    return cfg.model
+    return compose(["model=mnist_vit", "model.pretrained=false", "model.checkpoint=null", *overrides]).model
 
 
 def recipe_key(model_cfg) -> str:

@@ -9,7 +9,7 @@ more than ``b`` bytes above ``n * b / 8``, for every width and every shape.
 
 Why bit planes: every width from 1 to 16 gets the same layout with no waste (3-bit
 codes included), and a byte of one plane covers eight consecutive columns, which
-is what the table-lookup matmul in ``fqbench.packing.kernels`` indexes by.
+is what the table-lookup matmul in ``fqbench.kernels.lut`` indexes by.
 
 Width 8 is the identity: one byte per value, shape ``(n,)``.
 """

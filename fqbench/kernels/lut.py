@@ -1,4 +1,4 @@
-"""Pure-PyTorch kernels on bit-packed codes (the ``fqbench.packing.bits`` layout).
+"""Pure-PyTorch kernels on bit-packed codes (the ``fqbench.kernels.bitpack`` layout).
 
 Two ways to multiply by a packed ``(rows, cols)`` code matrix:
 
@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fqbench.packing.bits import GROUP
+from fqbench.kernels.bitpack import GROUP
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,16 @@
+"""The sequential engine: capture block inputs, quantize block by block with any method tier, replay.
+
+    from fqbench.engine import quantize_model
+    result = quantize_model(model, adapter, samples, method, device="cpu")   # result.records, result.layers
+"""
+
+from fqbench.engine.capture import (
+    BlockInputs, accumulate_hessians, capture_block_inputs, discover_groups, run_block, tap_linears,
+)
+from fqbench.engine.sequential import (
+    BlockContext, Quantized, install, layer_record, quantize_blocks, quantize_model, summarize,
+)
+
+__all__ = ["BlockContext", "BlockInputs", "Quantized", "accumulate_hessians", "capture_block_inputs",
+           "discover_groups", "install", "layer_record", "quantize_blocks", "quantize_model", "run_block",
+           "summarize", "tap_linears"]

@@ -1,0 +1,1 @@
+"""Compute on quantized codes: the bit-packed layout (``bitpack``) and the CPU kernels on it (``lut``)."""
