@@ -13,7 +13,13 @@ code ``q = clamp(round(w / scale_i + zero_i), 0, 2^bits - 1)`` and the value
   reference implementation (at 2 bits this shifts the four levels off centre);
   ``zero_point="float"`` keeps the grid centred on the row mean;
 - ``quip``: QuIP's grid: ``2^bits`` evenly spaced levels on ``[-s, s]`` with
-  ``s = 2.4 * RMS`` over the whole block (one scale shared by all rows).
+  ``s = 2.4 * RMS`` over the whole block (one scale shared by all rows);
+- ``lloyd``: the uniform grid of least squared error per row: Lloyd's algorithm
+  restricted to evenly spaced levels (round to the grid, then refit scale and
+  zero point by least squares; neither step increases the error), started from
+  the best of the min-max grid and centred sigma grids. ``zero_point="integer"``
+  then rounds the zero point and refits the scale alone (a zero point costs
+  ``bits`` instead of 16 bits per row).
 
 Scales (and float zero points) are rounded to ``scale_dtype`` when fitted:
 float16 by default, what a packed model stores, so the fake-quantized and the
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-GRID_KINDS = ("minmax", "sigma", "quip")
+GRID_KINDS = ("minmax", "sigma", "quip", "lloyd")
 ZERO_POINTS = ("integer", "float")
 SCALE_DTYPES = ("float16", "float32")
 
@@ -76,7 +82,7 @@ class GridSpec:
         """Whether zero points are integers (stored at ``bits`` bits) rather than float16."""
         if self.kind == "minmax":
             return not self.symmetric
-        if self.kind == "sigma":
+        if self.kind in ("sigma", "lloyd"):
             return self.zero_point == "integer"
         return False
 
@@ -92,6 +98,8 @@ class GridSpec:
             scale, zero = _fit_minmax(w, self.maxq, self.symmetric, self.mse)
         elif self.kind == "sigma":
             scale, zero = _fit_sigma(w, self.maxq, self.clip_sigma, self.zero_point == "integer")
+        elif self.kind == "lloyd":
+            scale, zero = _fit_lloyd(w, self.maxq, self.clip_sigma, self.zero_point == "integer")
         else:
             scale, zero = _fit_quip(w, self.maxq)
         if self.scale_dtype == "float16":
@@ -198,3 +206,44 @@ def _fit_quip(w: torch.Tensor, maxq: int):
     scale = torch.full((w.shape[0],), float(2 * s / maxq), device=w.device)
     zero = torch.full_like(scale, maxq / 2)
     return scale, zero
+
+
+def _fit_lloyd(w: torch.Tensor, maxq: int, sigma: float, integer_zero: bool, iterations: int = 20):
+    """Per row, the evenly spaced grid ``scale * (q - zero)`` of least ``sum (w - w_hat)^2``.
+
+    Starts from the best per row of the min-max grid and centred sigma grids (``sigma`` and
+    1.5 to 3.5 standard deviations), then alternates rounding to the grid with the
+    least-squares fit of ``w ~ a q + b`` on the codes (``scale = a``, ``zero = -b / a``).
+    Neither step raises the error, so the result is never worse than its start.
+    """
+    starts = [_fit_minmax(w, maxq, symmetric=False, mse=False)]
+    starts += [_fit_sigma(w, maxq, c, False) for c in dict.fromkeys((sigma, 1.5, 2.0, 2.5, 3.0, 3.5))]
+    scale, zero = starts[0]
+    error = _squared_error(w, scale, zero, maxq)
+    for start_scale, start_zero in starts[1:]:
+        start_error = _squared_error(w, start_scale, start_zero, maxq)
+        better = start_error < error
+        scale, zero = torch.where(better, start_scale, scale), torch.where(better, start_zero, zero)
+        error = torch.where(better, start_error, error)
+    for _ in range(iterations):
+        q = AffineGrid(scale, zero, maxq, integer_zero=False).encode(w)
+        q_centred = q - q.mean(dim=1, keepdim=True)
+        variance = q_centred.square().sum(dim=1)
+        fitted = (q_centred * w).sum(dim=1) / variance.clamp(min=1e-30)
+        usable = (variance > 0) & (fitted > 0)  # rows on one code keep their grid
+        offset = w.mean(dim=1) - fitted * q.mean(dim=1)
+        scale = torch.where(usable, fitted, scale)
+        zero = torch.where(usable, -offset / torch.where(usable, fitted, torch.ones_like(fitted)), zero)
+    if integer_zero:
+        zero = zero.round().clamp(0, maxq)
+        for _ in range(iterations // 2):
+            steps = AffineGrid(scale, zero, maxq, integer_zero=False).encode(w) - zero[:, None]
+            power = steps.square().sum(dim=1)
+            fitted = (steps * w).sum(dim=1) / power.clamp(min=1e-30)
+            scale = torch.where((power > 0) & (fitted > 0), fitted, scale)
+    return scale, zero
+
+
+def _squared_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    grid = AffineGrid(scale, zero, maxq, integer_zero=False)
+    return (grid.decode(grid.encode(w)) - w).square().sum(dim=1)
