@@ -6,9 +6,11 @@ it quantizes any layer. Before the sequential solve, ``plan_budget``
 1. walks the blocks in order on the full-precision model: per group of linears it accumulates
    the group's Hessians on the block's full-precision inputs, quantizes every linear with every
    option of the budget (``method.for_layer(option)``), keeps each option's stored bits and
-   relative proxy error, and drops the Hessians (one group's live at a time, as in the solve);
+   output error ``tr(dW H dW^T)``, and drops the Hessians (one group's live at a time, as in the solve);
    the block's full-precision outputs are the next block's inputs;
-2. allocates one option per layer for the budget (``fqbench.quant.allocation.allocate``).
+2. allocates one option per layer for the budget (``fqbench.quant.allocation.allocate``): the
+   summed output error is minimised. (Summing relative errors instead, which weighs every layer
+   alike whatever its output's scale, was measured too: docs/benchmarks/lm.md.)
 
 The sequential solve then quantizes every layer with its planned option (``Plan.method_for``),
 on the Hessians of the partly quantized model as usual, and records the choice with the layer.
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 from fqbench.engine.capture import BlockInputs, accumulate_hessians, enter_block, run_block
 from fqbench.models.adapter import Block
 from fqbench.quant.allocation import Option, allocate
-from fqbench.quant.checks import proxy_error
+from fqbench.quant.checks import output_error
 from fqbench.seeding import derive_seed
 
 
@@ -58,7 +60,7 @@ class Plan:
     def describe(self, name: str) -> dict:
         """What a layer record carries about the layer's planned option."""
         option = self.choices[name]
-        return {**{f"plan.{k}": v for k, v in option.options.items()}, "plan.estimated_error": option.error}
+        return {**{f"plan.{k}": v for k, v in option.options.items()}, "plan.output_error": option.error}
 
 
 def plan_budget(blocks: Sequence[Block], inputs: BlockInputs, method, *, device, seed: int = 0,
@@ -82,7 +84,7 @@ def plan_budget(blocks: Sequence[Block], inputs: BlockInputs, method, *, device,
                 menus[full_name] = []
                 for option, candidate in candidates:
                     layer = candidate.quantize(W, H, seed=derive_seed(seed, full_name))
-                    menus[full_name].append(Option(option, layer.stored_bits, proxy_error(W, layer.weight(), H)))
+                    menus[full_name].append(Option(option, layer.stored_bits, output_error(W, layer.weight(), H)))
                 weights[full_name] = W.numel()
         inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
         block.module.to(home)

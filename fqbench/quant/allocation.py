@@ -1,7 +1,7 @@
 """Bit allocation: one option per layer so that the whole model meets a budget of honest bits.
 
 Every layer has a menu of options (bit widths, redundancies, ...) measured on its calibration
-Hessian: what each costs in stored bits and the relative output error it leaves. ``allocate``
+Hessian: what each costs in stored bits and the output error it leaves. ``allocate``
 chooses one option per layer minimising the summed error subject to
 
     sum over layers of stored bits <= budget * (number of quantized weights),
@@ -46,7 +46,7 @@ class BitBudget:
 
 @dataclass(frozen=True)
 class Option:
-    """One choice for one layer, as measured: its stored bits and its relative output error."""
+    """One choice for one layer, as measured: its stored bits and its output error."""
 
     options: dict = field(hash=False)
     bits: int
