@@ -91,13 +91,17 @@ def _drop_paths(config: dict, paths) -> dict:
 
 def write_record(directory: str | os.PathLike, record: dict) -> Path:
     """Write ``result.json`` atomically: a reader sees the old file or the new one, never half of one."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RECORD_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".result.", suffix=".tmp")
+    return write_json(Path(directory) / RECORD_NAME, record)
+
+
+def write_json(path: str | os.PathLike, value) -> Path:
+    """Write ``value`` as JSON atomically (tensors as lists, NaN kept), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(record), f, indent=1, allow_nan=True)
+            json.dump(_jsonable(value), f, indent=1, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -23,3 +23,20 @@ def test_layer_benchmark_reports_every_method_as_ratios_to_gptq(tmp_path, capsys
     assert by_method["framequant redundancy=1.1"]["bits_per_weight"] > by_method["framequant redundancy=1.0"]["bits_per_weight"]
     assert all(r["seconds"] > 0 for r in rows)
     assert "| 96x128 | framequant redundancy=1.0 |" in capsys.readouterr().out
+
+
+def test_pretrained_layers_mode_summarises_every_method_over_every_linear(tmp_path, capsys):
+    from lm_tiny import save_tiny_model
+
+    model = save_tiny_model("llama", tmp_path / "llama")
+    out = tmp_path / "rows.json"
+    main(["--model", str(model), "--bits", "3", "--calib", "4", "--eval", "2", "--seqlen", "16",
+          "--methods", "framequant:clip_sigma=auto", "gptq", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    layers = {r["layer"] for r in rows}
+    assert len(layers) == 2 * 7 and all(name.startswith("model.layers.") for name in layers)
+    assert {r["method"] for r in rows} == {"gptq", "framequant:clip_sigma=auto"}
+    assert all(r["error_vs_gptq"] == 1.0 for r in rows if r["method"] == "gptq")
+    assert all(r["clip_sigma"] is not None and r["held_out_error"] > 0 for r in rows if r["method"] != "gptq")
+    printed = capsys.readouterr().out
+    assert "| framequant:clip_sigma=auto |" in printed and "of 14 |" in printed

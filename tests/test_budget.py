@@ -105,3 +105,28 @@ def test_mixed_precision_spends_its_bits_better_than_uniform_bits():
     uniform_plan = quantize_toy(build_method("gptq", budget_bits=bits, budget_bit_widths=[3]))
     planned = lambda result: sum(r.extra["plan.output_error"] for r in result.records)  # noqa: E731
     assert planned(mixed) < planned(uniform_plan)
+
+
+def test_method_specs_take_lists_and_booleans():
+    from fqbench.bench.lm_samples import parse_method
+
+    assert parse_method("gptq:budget_bits=2.5,budget_bit_widths=2/3/4") == (
+        "gptq", {"budget_bits": 2.5, "budget_bit_widths": [2, 3, 4]})
+    assert parse_method("framequant:clip_sigma=auto,normalize_rows=true,act_bits=null") == (
+        "framequant", {"clip_sigma": "auto", "normalize_rows": True, "act_bits": None})
+
+
+def test_lm_samples_records_the_plan_of_a_budget(tmp_path):
+    from fqbench.bench.lm_samples import main
+    from fqbench.records import read_record
+    from lm_tiny import save_tiny_model
+
+    model = save_tiny_model("llama", tmp_path / "llama")
+    out = tmp_path / "samples.json"
+    main(["--model", str(model), "--calib", "4", "--eval", "2", "--seqlen", "16", "--threads", "1", "--json", str(out),
+          "--methods", "gptq:bits=2", "gptq:budget_bits=3.0,budget_bit_widths=2/3/4"])
+    results = read_record(out)["results"]
+    assert [r["method"] for r in results] == ["fp", "gptq:bits=2", "gptq:budget_bits=3.0,budget_bit_widths=2/3/4"]
+    mixed = results[2]
+    assert 2.97 <= mixed["bits_per_weight"] <= 3.0
+    assert len({layer["extra"]["plan.bits"] for layer in mixed["layers"]}) > 1

@@ -1,18 +1,25 @@
 """Layer-level benchmark: proxy error on held-out activations and time, as ratios to GPTQ.
 
     python -m fqbench.bench layers --shapes 768x768,3072x768,4096x4096 --bits 2
+    python -m fqbench.bench layers --model DIR --bits 3 [--methods gptq framequant:clip_sigma=auto ...]
 
 Every method quantizes the same synthetic LLM-like layer (heavy-tailed weights,
 correlated activations with a few outlier channels) in one process; the table
 reports each method's held-out relative output error and seconds, and both as
 ratios to our GPTQ on the same layer. ``gptq_reference`` is a straightforward
 implementation of the published algorithm, timed for comparison.
+
+With ``--model`` the layers are every linear of a pretrained causal LM's blocks
+instead, with calibration and held-out Hessians from text the full-precision
+model samples (as ``lm_samples`` does; full-precision inputs at every layer);
+the table summarises each method over the layers: the geometric mean of its
+held-out error over GPTQ's, how many layers it is at or below GPTQ, the worst
+layer, and its total time over GPTQ's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,6 +27,8 @@ import torch
 
 from fqbench.bench.gptq_reference import reference_gptq
 from fqbench.methods import build_method
+from fqbench.quant.checks import proxy_error
+from fqbench.records import write_json
 
 DEFAULT_METHODS = [
     ("rtn", {}),
@@ -118,6 +127,69 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+PRETRAINED_METHODS = ["gptq", "framequant", "framequant:clip_sigma=null", "framequant:clip_sigma=auto",
+                      "framequant:clip_sigma=auto,grid_fit=mse"]
+
+
+def pretrained_layers(source: str, calibration: int, evaluation: int, seqlen: int, seed: int):
+    """``{name: (W, H_calibration, H_held_out)}`` for every linear of a causal LM's blocks, on sampled text."""
+    from fqbench.bench.lm_samples import sample
+    from fqbench.engine import accumulate_hessians, capture_block_inputs, enter_block, run_block
+    from fqbench.models.hf import load_causal_lm
+
+    model, tokenizer, adapter = load_causal_lm(source)
+    blocks = adapter.blocks(model)
+    layers = {}
+    for index, count in enumerate((calibration, evaluation)):
+        windows = sample(model, tokenizer, count, seqlen, seed=seed + index)
+        inputs = capture_block_inputs(model, blocks, windows.split(1), lambda m, s: adapter.run(m, s, "cpu"), "cpu")
+        for position, block in enumerate(blocks):
+            block, block_inputs, _ = enter_block(block, position, inputs, "cpu", adapter.block_kwargs)
+            for group in block.groups:
+                for name, H in accumulate_hessians(block.module, group, block_inputs).items():
+                    W = block.module.get_submodule(name).weight.data.float()
+                    layers.setdefault(f"{block.name}.{name}", [W])[1 + index:] = [H]
+            inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
+    return {name: tuple(value) for name, value in layers.items()}
+
+
+def bench_pretrained(layers: dict, bits: int, specs: list[str], seed: int = 0) -> list[dict]:
+    """Every method on every layer: held-out error and seconds, with their ratios to GPTQ's on that layer."""
+    from fqbench.bench.lm_samples import parse_method
+    from fqbench.seeding import derive_seed
+
+    rows = []
+    for layer_name, (W, H, H_held_out) in layers.items():
+        gptq = None
+        for spec in ["gptq", *(s for s in specs if s != "gptq")]:
+            name, options = parse_method(spec)
+            method = build_method(name, **{"bits": bits, **options})
+            layer, seconds = _timed(lambda: method.quantize(W, H, seed=derive_seed(seed, layer_name)))
+            row = {"layer": layer_name, "method": spec, "held_out_error": proxy_error(W, layer.weight(), H_held_out),
+                   "seconds": seconds, "bits_per_weight": layer.bits_per_weight, "weights": W.numel(),
+                   "clip_sigma": layer.info.get("clip_sigma")}
+            gptq = gptq or row
+            row["error_vs_gptq"] = row["held_out_error"] / gptq["held_out_error"]
+            rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict], specs: list[str]) -> str:
+    import math
+
+    lines = ["| method | error / GPTQ (geometric mean) | layers at or below GPTQ | worst layer / GPTQ "
+             "| time / GPTQ | bits/weight |", "|---|---|---|---|---|---|"]
+    gptq_seconds = sum(r["seconds"] for r in rows if r["method"] == "gptq")
+    for spec in ["gptq", *(s for s in specs if s != "gptq")]:
+        mine = [r for r in rows if r["method"] == spec]
+        ratios = [r["error_vs_gptq"] for r in mine]
+        bits = sum(r["bits_per_weight"] * r["weights"] for r in mine) / sum(r["weights"] for r in mine)
+        lines.append(f"| {spec} | {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} "
+                     f"| {sum(ratio <= 1 for ratio in ratios)} of {len(ratios)} | {max(ratios):.3f} "
+                     f"| {sum(r['seconds'] for r in mine) / gptq_seconds:.2f} | {bits:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fqbench.bench layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +201,27 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each method before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--model", help="a causal-LM directory: its pretrained layers instead of synthetic ones")
+    parser.add_argument("--methods", nargs="+", default=PRETRAINED_METHODS,
+                        help="with --model: name:option=value,... per method (GPTQ is always the baseline)")
+    parser.add_argument("--calib", type=int, default=128, help="with --model: calibration windows")
+    parser.add_argument("--eval", type=int, default=64, help="with --model: held-out windows")
+    parser.add_argument("--seqlen", type=int, default=256, help="with --model: tokens per window")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.model:
+        layers = pretrained_layers(args.model, args.calib, args.eval, args.seqlen, args.seed)
+        rows = bench_pretrained(layers, args.bits, args.methods, args.seed)
+        print(f"{args.model}: {len(layers)} layers, {args.bits} bits, {args.calib} calibration and {args.eval} "
+              f"held-out windows of {args.seqlen} sampled tokens")
+        print(format_summary(rows, args.methods))
+        if args.json:
+            write_json(args.json, rows)
+        return rows
 
     all_rows = []
     for shape in args.shapes.split(","):
@@ -141,6 +233,5 @@ def main(argv=None):
         all_rows += rows
     print(f"\ndevice: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, bits {args.bits}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in all_rows], f, indent=1)
+        write_json(args.json, [asdict(r) for r in all_rows])
     return all_rows
