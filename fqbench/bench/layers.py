@@ -39,6 +39,7 @@ DEFAULT_METHODS = [
     ("quip", {}),
     ("quip_clip", {}),
     ("framequant", {"redundancy": 1.0}),
+    ("framequant", {"redundancy": 1.0, "clip_sigma": "auto"}),
     ("framequant", {"redundancy": 1.1}),
     ("framequant", {"redundancy": 1.1, "redundancy_sides": "input"}),
 ]
