@@ -190,9 +190,9 @@ def test_wiener_denoising_lowers_the_error(redundancy, layer_factory):
     assert denoised.bits_per_weight == plain.bits_per_weight
 
 
-def frame_proxy(W, H, layer, hessian_reg=0.01):
+def frame_proxy(W, H, layer, hessian_reg=0.01, percdamp=0.01):
     """The calibration proxy FrameQuant's solver minimises, ``tr(dD H_F dD^T)``, computed anew from the layer:
-    frame coefficients of the weights, the trace-normalised regularised Hessian in frame space."""
+    frame coefficients of the weights, the trace-normalised regularised Hessian in frame space, damped."""
     n = H.shape[0]
     H = H * (n / torch.trace(H))
     H.diagonal().add_(hessian_reg)
@@ -200,6 +200,7 @@ def frame_proxy(W, H, layer, hessian_reg=0.01):
     W = W if layer.output_scale is None else W / layer.output_scale.float()[:, None]
     D = out_op.analysis(in_op.analysis(W.float()).T).T.double()
     H_frame = in_op.analysis(in_op.analysis(H.float()).T).double()
+    H_frame.diagonal().add_(percdamp * float(H_frame.diagonal().mean()))
     dD = D - layer.inner.weight().double()
     return float(((dD @ H_frame) * dD).sum())
 

@@ -139,7 +139,7 @@ class FrameQuant(LayerMethod):
             act_bits=c.act_bits,
         )
         if c.clip_sigma == "auto":
-            search = ClipSearch(CLIP_THRESHOLDS, lambda sigma: grid_quantizer(c.grid(sigma), c.solver), PAPER_CLIP)
+            search = ClipSearch(CLIP_THRESHOLDS, c.grid, PAPER_CLIP)
             return quantize_weight(W, H, None, c.solver, search, transforms)
         return quantize_weight(W, H, grid_quantizer(c.grid(c.clip_sigma), c.solver), c.solver, c.clip_sigma,
                                transforms)

@@ -16,8 +16,8 @@ import torch
 
 from fqbench.frames.operator import FrameOperator
 from fqbench.quant.grids import FLOAT16_MAX, FLOAT16_MIN_NORMAL, GridSpec, clip_rows
-from fqbench.quant.quantizer import ColumnQuantizer, GridQuantizer, round_to_nearest
-from fqbench.quant.solver import SolverOptions, SolverResult, gptq_solve
+from fqbench.quant.quantizer import ColumnQuantizer, GridQuantizer
+from fqbench.quant.solver import SolverOptions, SolverResult, factor_hessian, gptq_solve
 from fqbench.quantized import GridWeight, QuantizedWeight, TransformedWeight
 from fqbench.quantized.activations import PerTokenQuantizer
 
@@ -39,16 +39,18 @@ class Transforms:
 class ClipSearch:
     """``clip_sigma=auto``: per layer, the clip threshold of least proxy error ``tr(dD H dD^T)``.
 
-    Every threshold is rounded to nearest first (cheap); the ``shortlist`` thresholds of least
-    rounding error (weighted by the Hessian's diagonal, which ranked thresholds as the full
-    Hessian did on real layers) and the ``reference`` threshold are solved with GPTQ, and the
-    solution of least proxy error wins. Solving the reference makes the search never worse than
-    it on the calibration proxy. The error counts the clipped part: it is measured against the
-    unclipped weights.
+    Every threshold is rounded to nearest first (cheap: one grid per row over all columns, the
+    solver's groups ignored); the ``shortlist`` thresholds of least rounding error (weighted by
+    the Hessian's diagonal, which ranked thresholds as the full Hessian did on real layers) and
+    the ``reference`` threshold are solved with GPTQ, and the
+    solution of least proxy error wins: ``tr(dW H_d dW^T)`` for the damped Hessian the solver
+    factors, which the solver returns for free, plus the clipped part ``tr(C H_d C^T)`` (``C``
+    the clipped-off weights; the error counts against the unclipped weights). Solving the
+    reference makes the search never worse than it on that calibration proxy.
     """
 
     thresholds: tuple[float | None, ...]  # standard deviations; None: no clip
-    quantizer_for: Callable[[float | None], ColumnQuantizer]  # the grid that goes with a threshold
+    grid_for: Callable[[float | None], GridSpec]  # the grid that goes with a threshold
     reference: float | None = 2.0
     shortlist: int = 2
 
@@ -62,9 +64,9 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer
                     clip_sigma: float | None | ClipSearch = None, transforms: Transforms | None = None
                     ) -> QuantizedWeight:
     """Quantize ``W`` with ``quantizer`` after clipping at ``clip_sigma``; with a ``ClipSearch`` the
-    threshold is searched per layer and the search brings its own quantizers (``quantizer`` is None)."""
+    threshold is searched per layer and the search brings its own grids (``quantizer`` is None)."""
     if (quantizer is None) != isinstance(clip_sigma, ClipSearch):
-        raise ValueError("pass a quantizer with a fixed clip_sigma, or a ClipSearch (which has its own) without one")
+        raise ValueError("pass a quantizer with a fixed clip_sigma, or a ClipSearch (which has its own grids) without one")
     H = H.to(W.device, torch.float64)
     if transforms is None:
         result, chosen = _solve(W.to(torch.float64), H, quantizer, solver, clip_sigma)
@@ -112,24 +114,36 @@ def _solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer | None, 
     H_diagonal = torch.diagonal(H).to(torch.float64)
 
     def rounding_error(sigma):
-        dequantized = round_to_nearest(_clip(W, sigma), search.quantizer_for(sigma)).weight()
+        clipped = _clip(W, sigma)
+        grid = search.grid_for(sigma).fit(clipped)
+        dequantized = grid.decode(grid.encode(clipped))
         return float(((W - dequantized).to(torch.float64).square().sum(dim=0) * H_diagonal).sum())
 
     ranked = sorted(search.thresholds, key=rounding_error)
+    factor = factor_hessian(H, solver)
     solved = {}
     for sigma in dict.fromkeys([*ranked[:search.shortlist], search.reference]):  # in order, once each
-        result = gptq_solve(_clip(W, sigma), H, search.quantizer_for(sigma), solver)
-        solved[sigma] = (_proxy(W, result.dequantized, H), result)
+        clipped = _clip(W, sigma)
+        result = gptq_solve(clipped, H, grid_quantizer(search.grid_for(sigma), solver), solver, factor)
+        # tr((W - W_hat) H_d (W - W_hat)^T) with W - W_hat = (W - clipped) + (clipped - W_hat):
+        error = result.loss + _clip_error(W - clipped, clipped - result.dequantized, H, result.damping)
+        solved[sigma] = (error, result)
     best = min(solved, key=lambda sigma: solved[sigma][0])
     chosen = {"clip_sigma": float("inf") if best is None else best,  # inf: no clip
               "clip_error_vs_reference": solved[best][0] / solved[search.reference][0]}
     return solved[best][1], chosen
 
 
-def _proxy(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(dW H dW^T)`` in float64."""
-    dW = (W - W_hat).to(torch.float64)
-    return float(((dW @ H.to(torch.float64)) * dW).sum())
+def _clip_error(C: torch.Tensor, E: torch.Tensor, H: torch.Tensor, damping: float) -> float:
+    """``tr(C H_d (C + 2 E)^T)`` for the clipped-off part ``C`` and the solver's error ``E``, with
+    ``H_d = H + damping * mean(diag H) * I``. ``C`` is sparse (only the tails beyond the clip), so the
+    product costs a fraction of a dense one."""
+    if not bool(C.any()):
+        return 0.0
+    C = C.to(torch.float64)
+    CH = torch.sparse.mm(C.to_sparse(), H.to(torch.float64))
+    CH += C * (damping * float(torch.diagonal(H).mean()))
+    return float((CH * (C + 2 * E.to(torch.float64))).sum())
 
 
 def _clip(W: torch.Tensor, sigma: float | None) -> torch.Tensor:
