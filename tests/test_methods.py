@@ -258,6 +258,8 @@ def test_mse_grid_fit_lowers_the_error_of_frame_coefficients(layer_factory):
         mse = build_method("framequant", bits=bits, clip_sigma=None, grid_fit="mse").quantize(W, H)
         assert mse.inner.integer_zero and mse.bits_per_weight == sigma.bits_per_weight
         assert held_out_error(W, mse, X) < held_out_error(W, sigma, X)
+        centred = build_method("framequant", bits=bits, clip_sigma=None, grid_fit="mse", zero_point="float")
+        assert not centred.quantize(W, H).inner.integer_zero
 
 
 @pytest.mark.parametrize("options,message", [

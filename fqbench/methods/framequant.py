@@ -83,7 +83,8 @@ class FrameQuantConfig:
     def grid(self, clip_sigma: float | None) -> GridSpec:
         """The grid for coefficients clipped at ``clip_sigma`` (None: unclipped)."""
         if self.grid_fit == "mse":  # the sigma grid only starts the search
-            return GridSpec(self.bits, "lloyd", clip_sigma=PAPER_CLIP if clip_sigma is None else clip_sigma)
+            return GridSpec(self.bits, "lloyd", clip_sigma=PAPER_CLIP if clip_sigma is None else clip_sigma,
+                            zero_point=self.zero_point)
         if clip_sigma is None:
             return GridSpec(self.bits, "minmax")
         return GridSpec(self.bits, "sigma", clip_sigma=clip_sigma, zero_point=self.zero_point)
