@@ -42,11 +42,10 @@ class ClipSearch:
     Every threshold is rounded to nearest first (cheap: one grid per row over all columns, the
     solver's groups ignored); the ``shortlist`` thresholds of least rounding error (weighted by
     the Hessian's diagonal, which ranked thresholds as the full Hessian did on real layers) and
-    the ``reference`` threshold are solved with GPTQ, and the
-    solution of least proxy error wins: ``tr(dW H_d dW^T)`` for the damped Hessian the solver
-    factors, which the solver returns for free, plus the clipped part ``tr(C H_d C^T)`` (``C``
-    the clipped-off weights; the error counts against the unclipped weights). Solving the
-    reference makes the search never worse than it on that calibration proxy.
+    the ``reference`` threshold are solved with GPTQ, and the solution of least proxy error wins:
+    ``tr(dW H_d dW^T)`` for the damped Hessian ``H_d`` the solver factors (its own loss, free)
+    plus the clipped-off part's share (the error counts against the unclipped weights). Solving
+    the reference makes the search never worse than it on that calibration proxy.
     """
 
     thresholds: tuple[float | None, ...]  # standard deviations; None: no clip
