@@ -45,7 +45,9 @@ from fqbench.methods.layers import QuantizedLayer, QuantizedLinear
 from fqbench.packing.format import PackedFormatError, pack_layer, unpack_layer
 from fqbench.packing.models import build_model, describe_model
 from fqbench.packing.modules import LUT_ROWS, packed_module
+from fqbench.packing.checksums import checksum_metadata, verify_checksums
 from fqbench.packing.safetensors_file import METADATA
+from fqbench.umask import apply_umask
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "fqbench"
@@ -190,10 +192,12 @@ def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bo
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=METADATA)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={**METADATA, **checksum_metadata(tensors)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
         if write_extra is not None:
             write_extra(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make them private
+            apply_umask(path)
         if directory.exists():
             if not overwrite:
                 raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
@@ -265,12 +269,13 @@ def read_checkpoint_config(directory: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", device: str | torch.device = "cpu",
-                   lut_rows: int = LUT_ROWS) -> nn.Module:
+                   lut_rows: int = LUT_ROWS, verify: bool = True) -> nn.Module:
     """The model of a packed checkpoint, rebuilt from its config and tensors only, in eval mode on ``device``.
 
     ``mode="dequantized"``: nn.Linear weights hold ``layer.weight()`` (bit-identical to
     the evaluated fake-quantized model). ``mode="packed"``: quantized linears become
-    ``PackedLinear`` / ``FrameLinear`` modules that keep the codes packed.
+    ``PackedLinear`` / ``FrameLinear`` modules that keep the codes packed. ``verify`` checks every
+    tensor against its stored sha256 (``PackedFormatError`` naming a corrupted tensor).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -281,6 +286,8 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
     if not isinstance(dtype, torch.dtype):
         raise PackedFormatError(f"unknown dtype {qc['dtype']!r} in quantization_config")
     tensors = _read_tensors(directory / WEIGHTS_NAME)
+    if verify:
+        verify_checksums(directory / WEIGHTS_NAME)
     model = build_model(qc["model_library"], config, dtype, qc.get("attn_implementation"))
 
     per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in metas}
