@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fqbench.finite import NonFiniteError, all_finite
 from fqbench.methods.layers import QuantizedLayer, QuantizedLinear
 from fqbench.methods.registry import Method
 from fqbench.models.layout import Block
@@ -126,7 +127,11 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method: Method
                 records.append(record)
                 if keep_layers:
                     kept[full_name] = layer.cpu()
-        inputs = inputs.replace_hidden(run_block(block.module, inputs))
+        outputs = run_block(block.module, inputs)
+        if not all(all_finite(h) for h in outputs):
+            raise NonFiniteError(f"block {block.name}: its outputs have NaN/Inf values after quantizing its linears; "
+                                 f"check its weights and the model dtype (float16 overflows)")
+        inputs = inputs.replace_hidden(outputs)
         block.module.to(home)
         bar.set_postfix(block=block.name, seconds=f"{time.perf_counter() - start:.1f}")
     return records, kept
@@ -161,7 +166,11 @@ def accumulate_hessians(block: nn.Module, names: Sequence[str], inputs: BlockInp
 
 def _quantize_linear(block, name, full_name, linear, H, method: Method, seed):
     W = linear.weight.data
-    layer = method.quantize(W.float(), H, seed=derive_seed(seed, full_name))
+    try:
+        layer = method.quantize(W.float(), H, seed=derive_seed(seed, full_name))
+    except (ValueError, RuntimeError) as error:  # name the layer: the method's checks see only W and H
+        kind = ValueError if isinstance(error, ValueError) else RuntimeError
+        raise kind(f"layer {full_name}: {error}") from error
     W_hat = layer.weight()
     error = proxy_error(W, W_hat, H)
     if getattr(layer, "act_bits", None) is not None:
