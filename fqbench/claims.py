@@ -206,7 +206,7 @@ def mark_stale_records(runs_root: str | os.PathLike, *, timeout: float) -> list[
         holder = read_holder(claim_path(runs_root, str(record.get("config_hash"))))
         if holder is None:
             reason = "no job holds its config's claim (the job was killed)"
-        elif Path(holder.record) != path.resolve():
+        elif _other_file(holder.record, path):
             reason = f"its config is now claimed by another job ({holder.describe()})"
         else:
             reason = holder.stale_reason(timeout)
@@ -214,6 +214,15 @@ def mark_stale_records(runs_root: str | os.PathLike, *, timeout: float) -> list[
         if reason is not None and mark_interrupted(path, reason):
             marked.append(path)
     return marked
+
+
+def _other_file(named: str, path: Path) -> bool:
+    """Whether a claim's record is another file than ``path``; not when this host cannot tell (a runs root
+    mounted elsewhere on the holder's host)."""
+    try:
+        return not os.path.samefile(named, path)
+    except OSError:
+        return False
 
 
 def _now() -> str:
