@@ -382,3 +382,73 @@ def test_save_refuses_layers_of_another_model(checkpoints, tmp_path):
     assert not (tmp_path / "wrong").exists()  # nothing half-written
     with pytest.raises(FileExistsError):
         save_quantized(model, layers, checkpoints("llama", "gptq")[2], method="gptq")
+
+
+# --- checksums and permissions -----------------------------------------------------------
+
+
+def _flip(path, offset, count=1):
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_tensor_data_name_the_tensor(saved_copy):
+    from fqbench.packing.safetensors_file import data_offset, read_header
+
+    weights = saved_copy / "model.safetensors"
+    header = read_header(weights)
+    name = "model.layers.0.mlp.up_proj.quantized.codes"
+    begin, end = header[name]["data_offsets"]
+    _flip(weights, data_offset(weights) + begin + (end - begin) // 2)
+    load_file(weights)  # safetensors itself reads the damaged file without complaint
+    with pytest.raises(PackedFormatError, match=rf"tensor {name} does not match its sha256 checksum"):
+        load_quantized(saved_copy)
+    with pytest.raises(PackedFormatError, match=name):
+        load_quantized(saved_copy, mode="packed")
+    load_quantized(saved_copy, verify=False)  # the opt-out, for speed on trusted files
+
+
+def test_many_flipped_bytes_anywhere_in_the_data_are_caught(saved_copy):
+    from fqbench.packing.safetensors_file import data_offset
+
+    weights = saved_copy / "model.safetensors"
+    start = data_offset(weights)
+    _flip(weights, start + (weights.stat().st_size - start) // 3, 1000)
+    with pytest.raises(PackedFormatError, match="does not match its sha256 checksum"):
+        load_quantized(saved_copy)
+
+
+def test_checksums_are_stored_per_tensor(checkpoints):
+    from fqbench.packing.safetensors_file import read_header
+
+    _, _, directory = checkpoints("llama", "gptq")
+    header = read_header(directory / "model.safetensors")
+    stored = json.loads(header.pop("__metadata__")["fqbench.sha256"])
+    tensors = load_file(directory / "model.safetensors")
+    assert set(stored) == set(header) == set(tensors)
+    import hashlib
+
+    codes = tensors["model.layers.0.mlp.up_proj.quantized.codes"]
+    assert stored["model.layers.0.mlp.up_proj.quantized.codes"] == hashlib.sha256(codes.numpy().tobytes()).hexdigest()
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning(saved_copy):
+    _rewrite_tensors(saved_copy, lambda t: None)  # rewritten without fqbench's metadata, as before checksums
+    with pytest.warns(UserWarning, match="cannot be verified"):
+        load_quantized(saved_copy)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_checkpoints_follow_the_umask(checkpoints, tmp_path, umask):
+    import os
+
+    model, layers, _ = checkpoints("llama", "rtn")
+    old = os.umask(umask)
+    try:
+        save_quantized(model, layers, tmp_path / "packed", method="rtn")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "packed").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "packed").iterdir()} == {0o666 & ~umask}

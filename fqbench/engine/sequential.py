@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from fqbench.engine.capture import (
     BlockInputs, accumulate_hessians, capture_block_inputs, discover_groups, run_block,
 )
+from fqbench.finite import NonFiniteError, all_finite
 from fqbench.models.adapter import Block
 from fqbench.quant.checks import proxy_error
 from fqbench.quantized import QuantizedWeight, QuantLinear
@@ -91,7 +92,11 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method, *, dev
         result.records.extend(records)
         if keep_layers:
             result.layers.update({name: layer.cpu() for name, layer in layers.items()})
-        inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
+        outputs = run_block(block.module, block_inputs)
+        if not all(all_finite(h) for h in outputs):
+            raise NonFiniteError(f"block {block.name}: its outputs have NaN/Inf values after quantizing its linears; "
+                                 f"check its weights and the model dtype (float16 overflows)")
+        inputs = inputs.replace_hidden(outputs)
         block.module.to(home)
         bar.set_postfix(block=block.name, seconds=f"{time.perf_counter() - start:.1f}")
     return result
@@ -106,7 +111,11 @@ def _quantize_linears(block: Block, inputs: BlockInputs, method, seed: int, true
             full_name = f"{block.name}.{name}"
             linear = block.module.get_submodule(name)
             W = linear.weight.data
-            layer = method.quantize(W.float(), hessians[name], seed=derive_seed(seed, full_name))
+            try:
+                layer = method.quantize(W.float(), hessians[name], seed=derive_seed(seed, full_name))
+            except (ValueError, RuntimeError) as error:  # name the layer: the method's checks see only W and H
+                kind = ValueError if isinstance(error, ValueError) else RuntimeError
+                raise kind(f"layer {full_name}: {error}") from error
             install(block.module, name, layer)
             records.append(layer_record(full_name, W, layer, hessians[name]))
             layers[full_name] = layer
