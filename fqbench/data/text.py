@@ -297,7 +297,3 @@ def wikitext2_calibration(data, tokenizer, *, nsamples, seqlen, seed) -> Calibra
 def ptb_calibration(data, tokenizer, *, nsamples, seqlen, seed) -> Calibration:
     text, source = ptb_text(data, "train")
     return Calibration(sample_text_windows(tokenize(tokenizer, text), nsamples=nsamples, seqlen=seqlen, seed=seed), source)
-
-
-# Registered elsewhere: the offline default's corpus (Python's own standard library).
-from fqbench.data import pystdlib  # noqa: E402,F401
