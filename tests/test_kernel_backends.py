@@ -139,7 +139,16 @@ def test_gpu_without_cuda_names_the_reason(fresh_selection, monkeypatch):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(scope="module")
+def untuned_gemlite():
+    """gemlite's default kernel configs: these tests check values, and autotuning costs ~15 compiles a shape."""
+    gemlite = gemlite_backend.load_gemlite()
+    gemlite.set_autotune("default")
+    return gemlite
+
+
 @cuda
+@pytest.mark.usefixtures("untuned_gemlite")
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [128, 4096])
 def test_gpu_gemlite_equals_the_dequantized_reference(bits, group_size):
