@@ -15,9 +15,11 @@ guards, and needs every custom kernel (gemlite's op, the fused transforms) regis
 a graph records whatever the kernels launch. With ``graphs="auto"`` a failed capture (a host sync
 inside the step) falls back to eager decoding and says so in ``Timing.note``.
 
-Prefill and the prompt of a decode run eagerly by default (thousands of rows: launch overhead is
-small); ``time_prefill(graphs=True)`` graphs it too. Peak memory (``torch.cuda.max_memory_allocated``
-during the timed rounds, weights and cache included) is reported on CUDA only.
+Prefill and the prompt of a decode run eagerly: at thousands of rows launch overhead is small, and
+without a cache transformers 5 checks the positions for packed sequences with a host sync
+(``masking_utils.find_packed_sequence_indices``), which a graph cannot capture. Peak memory
+(``torch.cuda.max_memory_allocated`` during the timed rounds, weights and cache included) is
+reported on CUDA only.
 """
 
 from __future__ import annotations
@@ -176,7 +178,8 @@ def time_decode(model: nn.Module, batch: int = 1, new_tokens: int = 32, prompt: 
 
 def time_prefill(model: nn.Module, batch: int = 1, length: int = 2048, rounds: int = 3, graphs=False,
                  seed: int = 1) -> Timing:
-    """One forward pass over ``batch`` x ``length`` prompt tokens without a cache, last token's logits."""
+    """One forward pass over ``batch`` x ``length`` prompt tokens without a cache, last token's logits
+    (``graphs`` as in ``time_decode``; "auto" falls back to eager, see the module docstring)."""
     device = _device_of(model)
     ids = _random_ids(model, batch, length, seed)
 

@@ -140,7 +140,7 @@ def _synthesis_kernel(c_ptr, out_ptr, signs_ptr, lead_ptr, m_re_ptr, m_im_ptr, c
         c_re, c_im = (cos * re + sin * im).to(dtype), (cos * im - sin * re).to(dtype)
     m_re_t = tl.load(m_re_ptr + kc[:, None] + cols[None, :] * KC_PAD)  # (KC_PAD, T): M_re transposed
     m_im_t = tl.load(m_im_ptr + kc[:, None] + cols[None, :] * KC_PAD)
-    y = ((tl.dot(c_re, m_re_t) + tl.dot(c_im, m_im_t)) * tail_scale).to(dtype)  # (L_PAD, T)
+    y = (tl.dot(c_im, m_im_t, tl.dot(c_re, m_re_t)) * tail_scale).to(dtype)  # (L_PAD, T), one accumulator
     block_rows = tl.program_id(1) * BM + tl.arange(0, BM)
     lead_t = tl.load(lead_ptr + rows[None, :] * L_PAD + block_rows[:, None])  # H_L^T[block_rows, :]
     x = tl.dot(lead_t, y) * lead_scale
@@ -167,6 +167,10 @@ class TritonTransform:
         self.kc = self.per_row * sub
         self.kc_pad, self.lead_pad = _next_pow2(self.kc), _next_pow2(self.lead_size)
         self.row_block = min(ROW_BLOCK, self.lead_pad)
+        # Whole (L_PAD, T) tiles live in registers; ptxas for sm_90 at L_PAD = 256: the analysis needs 248
+        # registers a thread with 4 warps (108 with 8), the synthesis spills with 8 warps (none with 16).
+        scale = max(1, self.lead_pad // 64)
+        self.num_warps = {_analysis_kernel: min(8, 4 * scale), _synthesis_kernel: min(16, 4 * scale)}
         self.phases = bool((sin.abs() > 0).any())
         f64 = dict(dtype=torch.float64)
         lead = torch.zeros(self.lead_pad, self.lead_pad, **f64)
@@ -207,7 +211,8 @@ class TritonTransform:
         kernel[grid](rows, out, self.signs, self.lead, self.m_re, self.m_im, self.cos, self.sin,
                      self.dim, self.num_coefficients, self.lead_scale, self.tail_scale,
                      L=self.lead_size, L_PAD=self.lead_pad, T=self.tail, KC=self.kc, KC_PAD=self.kc_pad,
-                     SUB=self.op.plan.subspaces, PER_ROW=self.per_row, PHASES=self.phases, BM=self.row_block)
+                     SUB=self.op.plan.subspaces, PER_ROW=self.per_row, PHASES=self.phases, BM=self.row_block,
+                     num_warps=self.num_warps[kernel])
         return out.view(*t.shape[:-1], size_out)
 
     def analysis(self, x: torch.Tensor) -> torch.Tensor:
