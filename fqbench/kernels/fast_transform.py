@@ -35,6 +35,7 @@ from fqbench.frames.operator import FrameOperator, OperatorSpec
 from fqbench.frames.tff import BlockFrame, FramePlan
 
 MAX_LEAD_FACTOR = 128  # larger Sylvester factors are split: a matmul by b x b costs b per element
+MAX_MERGED_FACTOR = 256  # H_K absorbs small Sylvester factors up to this: one kernel fewer (13824: 216, not 108 x 2)
 # Tried largest first; the folded tail costs (tail * redundancy) per element. A rotation alone
 # (block width 1) always finds one: its padded dim is K <= 256 (folded whole) or has a factor 2.
 TAILS = (64, 32, 16, 8, 4, 2)
@@ -115,11 +116,11 @@ def _sylvester_split(size: int) -> list[int]:
 
 def _lead_orders(order: int, power: int) -> tuple[int, ...]:
     """Orders of dense factors whose Kronecker product is ``H_order ⊗ H_power`` (Sylvester ``power``):
-    H_K merged with the first Sylvester factors while that stays <= MAX_LEAD_FACTOR, then the rest.
+    H_K merged with the first Sylvester factors while that stays <= MAX_MERGED_FACTOR, then the rest.
     ``hadamard_matrix(K * 2^a)`` is ``H_K ⊗ H_{2^a}`` and Sylvester factors multiply, so this is exact."""
     sizes = _sylvester_split(power)
     first = order
-    while sizes and first * sizes[0] <= MAX_LEAD_FACTOR:
+    while sizes and first * sizes[0] <= MAX_MERGED_FACTOR:
         first *= sizes.pop(0)
     return tuple([first] + sizes if first > 1 else sizes)
 
