@@ -214,6 +214,16 @@ def test_save_and_load_gives_the_evaluated_model(kind, method_name, checkpoints)
     else:  # many rows of activations: weights decoded exactly as the fake-quantized model
         assert torch.equal(got, expected)
 
+    # The kernel layout (gemlite on a GPU; here the PyTorch kernel over the same int32 layout, and
+    # Kronecker-factored transforms): the same model within float32 rounding on the CPU.
+    kernel = load_quantized(directory, mode="kernel")
+    modules = dict(kernel.named_modules())
+    for n, layer in layers.items():  # groups of 16 that do not divide 100 columns are stored with an index
+        inner = layer.inner if isinstance(layer, TransformedWeight) else layer
+        assert modules[n].quantized.layout == ("kernel" if inner.kernel_problem() is None else "packed")
+    torch.testing.assert_close(outputs(kernel, inputs), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert {n: modules[n].quantized.bits_per_weight for n in layers} == {n: l.bits_per_weight for n, l in layers.items()}
+
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_sizes_from_the_files(kind, checkpoints, tmp_path):

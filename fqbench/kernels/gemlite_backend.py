@@ -110,6 +110,12 @@ class GemliteMatrix(nn.Module):
             return "W_q's bit layout differs from fqbench.kernels.packed_matrix.pack_over_k"
         return None
 
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes, unpacked from gemlite's layout."""
+        if self.dequant_reason:
+            raise RuntimeError(f"the codes cannot be read back from gemlite's tensors: {self.dequant_reason}")
+        return unpack_over_k(self.layer.W_q, self.kernel_bits)[: self.in_features].T.to(torch.uint8)
+
     def dequantize(self) -> torch.Tensor:
         """``W_hat.T`` (K, N) in this matrix's dtype, one Triton pass over the packed codes."""
         from fqbench.kernels.triton_dequant import dequantize_packed

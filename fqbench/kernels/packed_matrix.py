@@ -115,6 +115,10 @@ class TorchPackedMatrix(nn.Module):
         w = (grouped - self.zero_t.to(work).unsqueeze(1)) * self.scale_t.to(work).unsqueeze(1)
         return w.view(self.in_features, self.out_features).to(self.dtype)
 
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes, unpacked from the layout."""
+        return unpack_over_k(self.packed, self.kernel_bits)[: self.in_features].T.to(torch.uint8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, self.dtype)
         y = x @ self.dequantize()

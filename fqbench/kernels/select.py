@@ -21,11 +21,14 @@ GEMLITE_MIN_DIVISOR = 32  # gemlite: in_features and group sizes multiples of 32
 _LOGGED: set[str] = set()
 
 
-def gemlite_problem(device, bits: int, in_features: int, group_size: int) -> str | None:
+def gemlite_problem(device, bits: int, in_features: int, group_size: int,
+                    dtype: torch.dtype = torch.float16) -> str | None:
     """Why gemlite cannot run this matrix here, or None. Checks the cheap things before importing it."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"device {device} is not CUDA"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"gemlite computes in float16 or bfloat16, not {dtype}"
     if not torch.cuda.is_available():
         return "CUDA is not available"
     if bits not in SUPPORTED_BITS:
@@ -44,8 +47,8 @@ def gemlite_problem(device, bits: int, in_features: int, group_size: int) -> str
     return None
 
 
-def select_backend(device, bits: int, in_features: int, group_size: int) -> str:
-    problem = gemlite_problem(device, bits, in_features, group_size)
+def select_backend(device, bits: int, in_features: int, group_size: int, dtype: torch.dtype = torch.float16) -> str:
+    problem = gemlite_problem(device, bits, in_features, group_size, dtype)
     if problem is None:
         return "gemlite"
     if problem not in _LOGGED:
@@ -57,7 +60,7 @@ def select_backend(device, bits: int, in_features: int, group_size: int) -> str:
 
 def build_matrix(weights: QuantizedWeights, device, dtype: torch.dtype = torch.float16, **gemlite_options):
     """The packed-matrix module for ``weights`` on ``device`` from the selected backend."""
-    backend = select_backend(device, weights.bits, weights.in_features, weights.group_size)
+    backend = select_backend(device, weights.bits, weights.in_features, weights.group_size, dtype)
     if backend == "gemlite":
         from fqbench.kernels.gemlite_backend import GemliteMatrix
 

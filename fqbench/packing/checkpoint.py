@@ -56,7 +56,7 @@ from fqbench.quantized import ActivationQuantizer, QuantizedWeight, QuantLinear,
 from fqbench.quantized.base import StateError, sub_state
 from fqbench.umask import apply_umask
 
-MODES = ("dequantized", "packed")
+MODES = ("dequantized", "packed", "kernel")
 # Module attributes that change a module's forward without being part of the model's config
 # (timm attention's fused path hides the probabilities from their quantizer): recorded when they
 # differ from a freshly built model, and set again on load.
@@ -320,7 +320,9 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
 
     ``mode="dequantized"``: nn.Linear weights hold ``layer.weight()`` (bit-identical to the evaluated
     fake-quantized model; layers with activation quantizers become ``QuantLinear``). ``mode="packed"``:
-    every quantized linear becomes a ``QuantLinear`` whose weight keeps its codes packed. ``verify``
+    every quantized linear becomes a ``QuantLinear`` whose weight keeps its codes packed. ``mode="kernel"``:
+    the same with the weights in their kernel layout for ``device`` (gemlite on a GPU where it runs, in the
+    model's float16/bfloat16; else the PyTorch kernel) and Kronecker-factored frame transforms. ``verify``
     checks every tensor against its stored sha256 (``PackedFormatError`` naming a corrupted tensor).
     Checkpoints of format version 1 are read too.
     """
@@ -354,15 +356,19 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
     _assign(model, regular, aliases)
     _cast_recomputed_buffers(model, qc.get("buffer_dtypes", {}))
 
-    layout = "packed" if mode == "packed" else "plain"
+    layout = {"dequantized": "plain", "packed": "packed", "kernel": "kernel"}[mode]
+    kernel_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     for name, meta in metas.items():
         linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear) or [linear.out_features, linear.in_features] != list(meta["shape"]):
             raise PackedFormatError(f"layer {name}: the model built from config.json has {linear} there, not a "
                                     f"linear layer of shape {meta['shape']}")
-        weight, quantizers = unpack_layer(f"{name}.{INFIX}", meta, per_layer[name], layout)
+        weight, quantizers = unpack_layer(f"{name}.{INFIX}", meta, per_layer[name],
+                                          "packed" if layout == "kernel" else layout)
         weight = weight.to(device)
-        if mode == "packed" and weight.kind != "dense" or quantizers or weight.quantizes_activations:
+        if layout == "kernel":
+            weight = weight.with_layout("kernel", device=device, dtype=kernel_dtype)
+        if layout != "plain" and weight.kind != "dense" or quantizers or weight.quantizes_activations:
             _replace(model, name, layer_module(weight, {k: q.to(device) for k, q in quantizers.items()}, linear.bias))
         else:
             dtype = getattr(torch, meta.get("weight_dtype") or "", linear.weight.dtype)

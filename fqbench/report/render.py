@@ -62,7 +62,8 @@ def cell_text(cell: Cell) -> str:
 def to_markdown(table: FilledTable) -> str:
     spec = table.spec
     lines = [f"**{spec.id}**: {spec.title}. Each cell: ours / paper (ours − paper); {MISSING}: not measured or "
-             f"not published. Preset: `python -m fqbench -m experiment={spec.preset}`.", ""]
+             f"not published. " + (f"Filled by: `{spec.preset}`." if spec.axes_from else
+                                   f"Preset: `python -m fqbench -m experiment={spec.preset}`."), ""]
     header = list(spec.row_header) + [_column_label(spec, c) for c in spec.columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))

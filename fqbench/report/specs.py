@@ -36,6 +36,11 @@ METRICS = {
     "fp16_gb": Metric("fp16_bytes", "FP16 checkpoint (GB)", scale=1e-9, higher_is_better=False, section="packed"),
     "packed_bits": Metric("bits_per_weight", "bits per quantized weight, from the files", higher_is_better=False,
                           section="packed"),
+    # Throughput of `python -m fqbench.bench inference --records DIR` (static KV cache, CUDA graphs).
+    "decode_b1": Metric("decode_b1_tokens_per_s", "batch-1 decode (tokens/s)"),
+    "decode_b16": Metric("decode_b16_tokens_per_s", "batch-16 decode (tokens/s)"),
+    "prefill": Metric("prefill_tokens_per_s", "prefill 1x2048 (tokens/s)"),
+    "decode_b1_vs_fp16": Metric("decode_b1_vs_fp16", "batch-1 decode / FP16"),
 }
 
 
@@ -86,6 +91,7 @@ VARIANT_LABELS = {
     "fq_w2_r1.1_a8": ("FrameQuant", "W2.2/A8"),
     "fq_w2_r1.0_a6": ("FrameQuant", "W2/A6"),
     "fq_w2_r1.1_a6": ("FrameQuant", "W2.2/A6"),
+    "gptq_w3": ("GPTQ", "3"),
 }
 
 
@@ -161,6 +167,17 @@ class SizeRows(Axis):
 
 
 @dataclass(frozen=True)
+class ModelMetricColumns(Axis):
+    """For each model of the axes, one column per metric."""
+
+    metrics: tuple[tuple[str, str], ...]
+
+    def lines(self, axes):
+        return tuple(Line(f"{model}:{metric}", label, {"model": model, "metric": metric})
+                     for model in axes["model"] for metric, label in self.metrics)
+
+
+@dataclass(frozen=True)
 class MetricColumns(Axis):
     metrics: tuple[tuple[str, str], ...]  # (metric id, label)
 
@@ -172,14 +189,20 @@ class MetricColumns(Axis):
 class TableSpec:
     id: str
     title: str
-    preset: str  # the conf/experiment preset whose sweep fills it, and defines its rows and columns
+    preset: str  # the conf/experiment preset whose sweep fills it and defines its rows and columns, or a command
     row_axis: Axis
     column_axis: Axis = ModelColumns()
     row_header: tuple[str, ...] = ("Method", "#bits")
     select: dict = field(default_factory=dict)  # table-wide selection (the metric, or the model)
+    axes_from: str | None = None  # "module:ATTRIBUTE" holding the axes when a benchmark, not a preset, fills it
 
     @property
     def axes(self) -> dict[str, list[str]]:
+        if self.axes_from is not None:
+            import importlib
+
+            module, _, attribute = self.axes_from.partition(":")
+            return getattr(importlib.import_module(module), attribute)
         return preset_axes(self.preset)
 
     @property
@@ -193,11 +216,13 @@ class TableSpec:
     @property
     def groups(self) -> tuple[tuple[str, int], ...]:
         """Column groups (label, number of columns): model families, as the paper's headers."""
-        if not isinstance(self.column_axis, ModelColumns):
+        if not isinstance(self.column_axis, (ModelColumns, ModelMetricColumns)):
             return ()
         groups: list[list] = []
         for column in self.columns:
-            family = MODELS.get(column.id, (column.id, ""))[0]
+            model = column.select["model"]
+            family = (MODELS.get(model, (model, ""))[0] if isinstance(self.column_axis, ModelColumns)
+                      else " ".join(MODELS.get(model, (model, ""))))
             if groups and groups[-1][0] == family:
                 groups[-1][1] += 1
             else:
@@ -227,6 +252,8 @@ MODEL_SIZES = {"opt_125m": 125e6, "opt_350m": 350e6, "opt_1.3b": 1.3e9, "opt_2.7
 LLM_PRESET = "table5_llm_wikitext2"
 DOWNSTREAM_TASKS = (("arc_challenge", "ARC (challenge)"), ("arc_easy", "ARC (easy)"), ("boolq", "BoolQ"),
                     ("hellaswag", "HellaSwag"), ("piqa", "PIQA"), ("winogrande", "WinoGrande"))
+THROUGHPUT = (("decode_b1", "decode, batch 1 (tok/s)"), ("decode_b1_vs_fp16", "vs FP16"),
+              ("decode_b16", "decode, batch 16 (tok/s)"), ("prefill", "prefill 1x2048 (tok/s)"))
 ABLATION_SWITCHES = {  # paper Table 3's ON/OFF columns: GPTQ, TFF, clip, redundancy
     "gptq_w2": ("ON", "OFF", "OFF", "OFF"), "fq_w2_r1.0_noclip": ("ON", "ON", "OFF", "OFF"),
     "fq_w2_r1.0": ("ON", "ON", "ON", "OFF"), "fq_w2_r1.1": ("ON", "ON", "ON", "ON"), "fp": ("", "", "", ""),
@@ -261,4 +288,8 @@ TABLES: dict[str, TableSpec] = {t.id: t for t in (
     TableSpec("table14", "Llama2-7B zero-shot accuracy (%) on downstream tasks (lm-evaluation-harness)",
               "table14_downstream", VariantRows(fp_bits="16"), MetricColumns(DOWNSTREAM_TASKS),
               select={"model": "llama2_7b"}),
+    TableSpec("table7", "Inference throughput of Llama 2 shapes (random weights; static KV cache and CUDA graphs "
+              "for every variant; the GPU is named in each record)",
+              "python -m fqbench.bench inference --shape 7b|13b --records DIR", VariantRows(fp_bits="16"),
+              ModelMetricColumns(THROUGHPUT), axes_from="fqbench.bench.inference:TABLE7_AXES"),
 )}
