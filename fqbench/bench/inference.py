@@ -276,6 +276,8 @@ def write_records(rows: list[dict], args, device: torch.device, directory: Path)
                   "config_hash": f"inference-{args.shape}-{variant}", "bench": "inference",
                   "metrics": {k: v for k, v in row.items() if k.endswith(("_tokens_per_s", "_vs_fp16"))},
                   "bits_per_weight": row["bits_per_weight"], "inference": row, "versions": versions(),
+                  "bench_args": {"shape": args.shape, "layers": args.layers, "decode_tokens": args.decode_tokens,
+                                 "prefill": args.prefill, "transforms": args.transforms, "graphs": args.graphs},
                   "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         paths.append(write_record(directory / (args.shape or "custom") / variant, record))
@@ -306,6 +308,9 @@ def parse_args(argv):
     parser.add_argument("--transforms", choices=("fast", "triton"), default="fast",
                         help="FrameQuant's transforms on a GPU: Kronecker-factored matmuls, or one fused Triton kernel")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="decode eagerly on a GPU too")
+    parser.add_argument("--gemlite-autotune", choices=("fast", "default", "max"), default="fast",
+                        help="gemlite's tuning of its batch-1 GEMV kernels (split-K and GEMM keep default configs); "
+                             "FQBENCH_GEMLITE_CONFIG=FILE loads configs tuned earlier")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -318,6 +323,7 @@ def parse_args(argv):
 
 
 def build_variants(args, device: torch.device) -> list[Variant]:
+    start = time.perf_counter()
     wanted = args.variants.split(",")
     dtype = torch.float16
     base = base_model(args, device, dtype if device.type == "cuda" else torch.float32)
@@ -332,10 +338,12 @@ def build_variants(args, device: torch.device) -> list[Variant]:
     if "gptq" in wanted:
         for bits in args.bits:
             variants.append(quantized_variant(base, f"GPTQ {bits}-bit", "gptq", bits, 1.0, args, device, dtype))
+            print(f"  built {variants[-1].name} ({time.perf_counter() - start:.0f} s)", flush=True)
     if "framequant" in wanted:
         for r in (float(v) for v in args.redundancies.split(",")):
             variants.append(quantized_variant(base, f"FrameQuant r={r:g}", "framequant", args.bits[0], r, args,
                                               device, dtype))
+            print(f"  built {variants[-1].name} ({time.perf_counter() - start:.0f} s)", flush=True)
     return variants
 
 
@@ -344,6 +352,13 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        from fqbench.kernels.gemlite_backend import BackendUnavailable, set_autotune
+
+        try:
+            set_autotune(args.gemlite_autotune)
+        except BackendUnavailable as error:
+            log.warning("gemlite unavailable (%s): quantized variants use the PyTorch kernel", error)
     start = time.perf_counter()
     variants = build_variants(args, device)
     print(f"built {len(variants)} variants in {time.perf_counter() - start:.0f}s", flush=True)

@@ -62,8 +62,19 @@ def load_gemlite():
     else:
         log.info("gemlite %s: no bundled tuned configs used for %s (autotuning on first call)",
                  gemlite.__version__, gpu)
+    tuned = os.environ.get("FQBENCH_GEMLITE_CONFIG")  # configs an earlier run autotuned (gpu_check saves them)
+    if tuned:
+        log.info("gemlite: %s configs from FQBENCH_GEMLITE_CONFIG=%s",
+                 "loaded" if gemlite.GemLiteLinear.load_config(tuned) else "FAILED to load", tuned)
     _LOADED["module"] = gemlite
     return gemlite
+
+
+def set_autotune(decode: str = "fast", other: str = "default") -> None:
+    """gemlite's autotuning: ``decode`` for its GEMV kernels (batch 1), ``other`` for split-K and GEMM
+    ("default": its default configs, no tuning; tuning every shape and row bucket costs minutes)."""
+    load_gemlite().set_autotune({"GEMV": decode, "GEMV_REVSPLITK": decode, "GEMV_SPLITK": other,
+                                 "GEMM_SPLITK": other, "GEMM": other})
 
 
 class GemliteMatrix(nn.Module):
