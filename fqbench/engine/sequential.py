@@ -141,14 +141,17 @@ def layer_record(full_name: str, W: torch.Tensor, layer: QuantizedWeight, H: tor
 
 
 def summarize(records: Sequence[LayerRecord]) -> dict:
-    """Model-level honest bits: weighted by the number of weights of every quantized linear."""
+    """Model-level honest bits: weighted by the number of weights of every quantized linear; with
+    quantized activations (records whose ``extra`` has ``act_bits``), the widest activation code."""
     weights = [r.shape[0] * r.shape[1] for r in records]
     total = sum(weights)
     if total == 0:
         return {"bits_per_weight": float("nan"), "nominal_bits": float("nan"), "quantized_weights": 0}
+    act_bits = [r.extra["act_bits"] for r in records if r.extra.get("act_bits") is not None]
     return {
         "bits_per_weight": sum(r.bits_per_weight * w for r, w in zip(records, weights)) / total,
         "nominal_bits": sum(r.nominal_bits * w for r, w in zip(records, weights)) / total,
         "quantized_weights": total,
         "mean_proxy_error": sum(r.proxy_error for r in records) / len(records),
+        **({"act_bits": max(act_bits), "activation_quantized_layers": len(act_bits)} if act_bits else {}),
     }
