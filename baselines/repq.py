@@ -313,7 +313,7 @@ class RepQ(BlockMethod):
         if type(module).__module__.startswith("transformers."):
             raise ValueError(f"{block.name} ({type(module).__name__}): repq supports timm vision transformers; in "
                              f"Hugging Face language models the norm/softmax reparameterization does not apply "
-                             f"(RMSNorm has no bias for the zero-point shift, softmax is no module; docs/methods.md)")
+                             f"(RMSNorm has no bias for the zero-point shift, softmax is no module; docs/vision.md)")
         qkv_of = attentions(module)
         for path in qkv_of.values():
             module.get_submodule(path).fused_attn = False  # the explicit path, where probabilities pass attn_drop
