@@ -67,7 +67,7 @@ MODELS = {
     "vit_l": ("ViT", "L"), "vit_h": ("ViT", "H"),
     "deit_t": ("DeiT", "T"), "deit_s": ("DeiT", "S"), "deit_b": ("DeiT", "B"),
     "deit3_s": ("DeiT III", "S"), "deit3_b": ("DeiT III", "B"), "deit3_l": ("DeiT III", "L"), "deit3_h": ("DeiT III", "H"),
-    "swin_s": ("Swin", "S"), "swin_b": ("Swin", "B"), "swin_b384": ("Swin", "B/384"), "swin_l": ("Swin", "L"),
+    "swin_t": ("Swin", "T"), "swin_s": ("Swin", "S"), "swin_b": ("Swin", "B"), "swin_b384": ("Swin", "B/384"), "swin_l": ("Swin", "L"),
     "opt_125m": ("OPT", "125M"), "opt_350m": ("OPT", "350M"), "opt_1.3b": ("OPT", "1.3B"),
     "opt_2.7b": ("OPT", "2.7B"), "opt_6.7b": ("OPT", "6.7B"),
     "llama2_7b": ("Llama2", "7B"), "llama2_13b": ("Llama2", "13B"), "llama2_70b": ("Llama2", "70B"),
@@ -164,6 +164,14 @@ TABLES: dict[str, TableSpec] = {t.id: t for t in (
                 ("fq_w2_r1.0_a8", "FrameQuant", "W2/A8"), ("fq_w2_r1.1_a8", "FrameQuant", "W2.2/A8"),
                 ("fq_w2_r1.0_a6", "FrameQuant", "W2/A6"), ("fq_w2_r1.1_a6", "FrameQuant", "W2.2/A6")),
            ("vit_s", "vit_b"), row_header=("Method", "bits"), select={"metric": "top1"}),
+    _table("table12", "RepQ-ViT alone and with FrameQuant backbone weights, on classification models (top-1; "
+           "the paper's Table 12 uses Swin-T detection backbones on COCO)", "table12_repq",
+           rows(("fp", "Full Precision", "W32/A32", "W32/A32"),
+                *((f"{variant}_w{w}a{a}", label, f"W{w}/A{a}", "W32/A32")
+                  for w, a in ((6, 6), (4, 4), (3, 4))
+                  for variant, label in (("repq", "RepQ-ViT"), ("repq_fq", "FrameQuant")))),
+           ("vit_s", "vit_b", "deit_t", "deit_s", "deit_b", "swin_t", "swin_s"),
+           row_header=("Method", "Precision of backbone", "Precision of rest"), select={"metric": "top1"}),
     _table("table13", "C4 perplexity of 2-bit quantized LLMs", "table13_llm_c4", LLM_ROWS,
            ("opt_125m", "opt_350m", "opt_1.3b", "opt_2.7b", "opt_6.7b", "llama2_7b", "llama2_70b"),
            select={"metric": "c4"}),
