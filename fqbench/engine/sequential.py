@@ -89,9 +89,11 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method, *, dev
         else:
             records, layers = _quantize_linears(block, block_inputs, method, seed, true_sequential)
         result.records.extend(records)
+        # The next block's inputs first: moving a layer to the CPU moves it inside the block too
+        # (a QuantLinear holds the very QuantizedWeight), which must not happen while the block runs.
+        inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
         if keep_layers:
             result.layers.update({name: layer.cpu() for name, layer in layers.items()})
-        inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
         block.module.to(home)
         bar.set_postfix(block=block.name, seconds=f"{time.perf_counter() - start:.1f}")
     return result
