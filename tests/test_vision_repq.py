@@ -296,5 +296,10 @@ def test_swin_through_the_pipeline_on_real_images(data_root, tmp_path):
     assert names == expected
     reduction = record["layers"][8]
     assert reduction["extra"]["reparameterized_norm"] == "norm" and reduction["extra"]["shared_zero"] is True
+    folded = {layer["name"]: layer["extra"]["reparameterized_norm"] for layer in record["layers"]}
+    # At 64 px the first stages (16x16 and 8x8 tokens) pad their 7x7 windows with zeros after norm1, which a
+    # fold would change: those norms stay as they are; the later stages (window = resolution) are folded.
+    assert folded["layers.0.blocks.0.attn.qkv"] is None and folded["layers.1.blocks.0.attn.qkv"] is None
+    assert folded["layers.2.blocks.0.attn.qkv"] == "norm1" and folded["layers.0.blocks.0.mlp.fc1"] == "norm2"
     assert record["summary"]["act_bits"] == 4 and record["nominal_bits"] == 4
     assert 4 < record["bits_per_weight"] < 4.5
