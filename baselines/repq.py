@@ -31,8 +31,8 @@ quantized) replayed through this block as its quantizers are put in place, in th
 A layer method sees neither the norms nor the attention; a model method would redo the engine's
 capture and replay. Which LayerNorm feeds which linears is not read off names: every candidate fold is
 applied with random factors on one calibration batch and kept only if the block's output is unchanged
-(so post-norm blocks such as Swin V2's, or a norm whose output also feeds the residual, are not folded
-and get a per-tensor grid; the record says which).
+(so a norm whose output also feeds the residual, or Swin windows that zero-pad the normalized tokens,
+are not folded and their linears get a per-tensor grid; the record says which).
 
 Stored model: ``QuantLinear`` modules with their weights and ``affine`` input (and, for ``qkv``, output)
 quantizers; a ``log2`` quantizer in place of each attention's ``attn_drop`` with ``fused_attn = False``;
