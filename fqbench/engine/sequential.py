@@ -90,14 +90,16 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method, *, dev
         else:
             records, layers = _quantize_linears(block, block_inputs, method, seed, true_sequential)
         result.records.extend(records)
-        if keep_layers:
-            result.layers.update({name: layer.cpu() for name, layer in layers.items()})
         outputs = run_block(block.module, block_inputs)
         if not all(all_finite(h) for h in outputs):
             raise NonFiniteError(f"block {block.name}: its outputs have NaN/Inf values after quantizing its linears; "
                                  f"check its weights and the model dtype (float16 overflows)")
         inputs = inputs.replace_hidden(outputs)
         block.module.to(home)
+        if keep_layers:
+            # A weight a QuantLinear of the block holds went home with the block; the others go to the CPU.
+            held = {id(m) for m in block.module.modules()}
+            result.layers.update({name: layer if id(layer) in held else layer.cpu() for name, layer in layers.items()})
         bar.set_postfix(block=block.name, seconds=f"{time.perf_counter() - start:.1f}")
     return result
 
@@ -150,14 +152,17 @@ def layer_record(full_name: str, W: torch.Tensor, layer: QuantizedWeight, H: tor
 
 
 def summarize(records: Sequence[LayerRecord]) -> dict:
-    """Model-level honest bits: weighted by the number of weights of every quantized linear."""
+    """Model-level honest bits: weighted by the number of weights of every quantized linear; with
+    quantized activations (records whose ``extra`` has ``act_bits``), the widest activation code."""
     weights = [r.shape[0] * r.shape[1] for r in records]
     total = sum(weights)
     if total == 0:
         return {"bits_per_weight": float("nan"), "nominal_bits": float("nan"), "quantized_weights": 0}
+    act_bits = [r.extra["act_bits"] for r in records if r.extra.get("act_bits") is not None]
     return {
         "bits_per_weight": sum(r.bits_per_weight * w for r, w in zip(records, weights)) / total,
         "nominal_bits": sum(r.nominal_bits * w for r, w in zip(records, weights)) / total,
         "quantized_weights": total,
         "mean_proxy_error": sum(r.proxy_error for r in records) / len(records),
+        **({"act_bits": max(act_bits), "activation_quantized_layers": len(act_bits)} if act_bits else {}),
     }

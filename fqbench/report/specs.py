@@ -92,6 +92,8 @@ VARIANT_LABELS = {
     "fq_w2_r1.0_a6": ("FrameQuant", "W2/A6"),
     "fq_w2_r1.1_a6": ("FrameQuant", "W2.2/A6"),
     "gptq_w3": ("GPTQ", "3"),
+    **{f"repq_w{w}a{a}": ("RepQ-ViT", f"W{w}/A{a}") for w, a in ((6, 6), (4, 4), (3, 4))},
+    **{f"repq_fq_w{w}a{a}": ("FrameQuant", f"W{w}/A{a}") for w, a in ((6, 6), (4, 4), (3, 4))},
 }
 
 
@@ -239,7 +241,7 @@ MODELS = {
     "vit_l": ("ViT", "L"), "vit_h": ("ViT", "H"),
     "deit_t": ("DeiT", "T"), "deit_s": ("DeiT", "S"), "deit_b": ("DeiT", "B"),
     "deit3_s": ("DeiT III", "S"), "deit3_b": ("DeiT III", "B"), "deit3_l": ("DeiT III", "L"), "deit3_h": ("DeiT III", "H"),
-    "swin_s": ("Swin", "S"), "swin_b": ("Swin", "B"), "swin_b384": ("Swin", "B/384"), "swin_l": ("Swin", "L"),
+    "swin_t": ("Swin", "T"), "swin_s": ("Swin", "S"), "swin_b": ("Swin", "B"), "swin_b384": ("Swin", "B/384"), "swin_l": ("Swin", "L"),
     "opt_125m": ("OPT", "125M"), "opt_350m": ("OPT", "350M"), "opt_1.3b": ("OPT", "1.3B"),
     "opt_2.7b": ("OPT", "2.7B"), "opt_6.7b": ("OPT", "6.7B"),
     "llama2_7b": ("Llama2", "7B"), "llama2_13b": ("Llama2", "13B"), "llama2_70b": ("Llama2", "70B"),
@@ -281,6 +283,11 @@ TABLES: dict[str, TableSpec] = {t.id: t for t in (
     TableSpec("table11", "Activation quantization in frame space: FrameQuant weights W2/W2.2 with 8- and 6-bit "
               "activations (top-1)", "table11_activations", VariantRows(fp_bits="W32/A32"),
               row_header=("Method", "bits"), select={"metric": "top1"}),
+    TableSpec("table12", "RepQ-ViT alone and with FrameQuant backbone weights, on classification models (top-1; "
+              "the paper's Table 12 uses Swin-T detection backbones on COCO)", "table12_repq",
+              VariantRows(cells={"fp": ("W32/A32", "W32/A32"),
+                                 **{v: (VARIANT_LABELS[v][1], "W32/A32") for v in VARIANT_LABELS if v.startswith("repq")}}),
+              row_header=("Method", "Precision of backbone", "Precision of rest"), select={"metric": "top1"}),
     TableSpec("table13", "C4 perplexity of 2-bit quantized LLMs", "table13_llm_c4", VariantRows(fp_bits="16"),
               select={"metric": "c4"}),
     TableSpec("table6", "Sizes of packed checkpoints (GB on disk, from the files) against the FP16 original",
