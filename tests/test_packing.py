@@ -61,6 +61,7 @@ LAYER_CASES = [
     ("gptq", {"bits": 2}),
     ("gptq", {"bits": 4, "solver": {"act_order": True, "groupsize": 16}}),
     ("gptq", {"bits": 8, "symmetric": True}),
+    ("gptq", {"bits": 3, "scale_dtype": "float32"}),  # reference-exact: 32-bit scales stored and counted
     ("gptq_clip", {"bits": 2}),
     ("quip", {"bits": 2}),
     ("quip_clip", {"bits": 3}),
@@ -90,6 +91,15 @@ def test_layer_format_is_exact_and_matches_the_accounting(name, options, layer_f
         stored = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
         accounted = layer.stored_bits
         assert 0 <= stored - accounted < 8 * 8 * len(tensors)
+
+
+def test_reference_exact_scales_are_stored_and_counted_at_32_bits(layer_factory):
+    W, H, _ = layer_factory(96, 128)
+    half = build_method("gptq", bits=3).quantize(W, H)
+    full = build_method("gptq", bits=3, scale_dtype="float32").quantize(W, H)
+    tensors, meta = pack_layer(full)
+    assert tensors["scale"].dtype == torch.float32 and meta["scale_dtype"] == "float32"
+    assert full.bits_per_weight - half.bits_per_weight == pytest.approx(96 * 16 / (96 * 128))
 
 
 def test_parameters_that_cannot_be_stored_exactly_are_refused(layer_factory):

@@ -74,6 +74,11 @@ def run(cfg, method, device, output_dir) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "eval_seqlen": cfg.eval.seqlen,
         "eval_sources": {name: tokens.source for name, tokens in eval_sets.items()},
+        # Tokenizers change token counts, hence perplexity (docs/lm.md, "Tokenizers"): what was used, and how many
+        # tokens each evaluation text became.
+        "tokenizer": {"class": type(tokenizer).__name__, "fast": bool(getattr(tokenizer, "is_fast", False)),
+                      "vocab_size": len(tokenizer)},
+        "eval_tokens": {name: int(tokens.ids.numel()) for name, tokens in eval_sets.items()},
         "perplexity": details,
         "calib_dataset": cfg.calib.dataset,
         "calib_source": calibration.source,

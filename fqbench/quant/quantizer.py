@@ -8,8 +8,9 @@ quantized weight. The solver owns the error feedback, damping and the Cholesky
 fallback; a quantizer owns the grid or codebook, so a new one never touches the
 solver's loop.
 
-    quantizer.prepare(W, order)       # W (rows, cols) in original column order; order: the solve
-                                      # order (act-order permutation) or None
+    quantizer.prepare(W, order, dead) # W (rows, cols) in original column order, as given (columns
+                                      # without input not yet zeroed: ``dead``, a boolean mask);
+                                      # order: the solve order (act-order permutation) or None
     dq = quantizer.quantize(WT, col)  # WT: (cols, rows), the up-to-date weights in solve order;
                                       # returns (width, rows) dequantized values of WT[col:col + width]
     weight = quantizer.finish()       # a QuantizedWeight in original column order
@@ -29,7 +30,7 @@ from fqbench.quantized import GridWeight, QuantizedWeight
 class ColumnQuantizer(Protocol):
     width: int
 
-    def prepare(self, W: torch.Tensor, order: torch.Tensor | None) -> None: ...
+    def prepare(self, W: torch.Tensor, order: torch.Tensor | None, dead: torch.Tensor) -> None: ...
 
     def quantize(self, WT: torch.Tensor, col: int) -> torch.Tensor: ...
 
@@ -42,6 +43,8 @@ class GridQuantizer:
     A dynamic group's grid is fitted when the solver reaches its first column, on the
     up-to-date weights (error feedback included); ``static_groups`` fits every group once
     on the original weights (with act-order, groups stay contiguous in the original order).
+    Columns without input are zeroed first, except in reference-exact mode (float32 scales):
+    there the one grid of a row is fitted on the weight as given, as IST-DASLab's GPTQ does.
     """
 
     width = 1
@@ -51,14 +54,17 @@ class GridQuantizer:
         self.groupsize = groupsize
         self.static_groups = static_groups and groupsize > 0
 
-    def prepare(self, W: torch.Tensor, order: torch.Tensor | None) -> None:
+    def prepare(self, W: torch.Tensor, order: torch.Tensor | None, dead: torch.Tensor) -> None:
         rows, cols = W.shape
         self.order = order
         self.size = self.groupsize if self.groupsize > 0 else cols
         groups = math.ceil(cols / self.size)
         self.static = None
+        if self.grid.scale_dtype == "float32" and groups == 1:
+            self.static = [self.grid.fit(W)]
+        zeroed = W.masked_fill(dead, 0) if bool(dead.any()) else W
         if self.static_groups:
-            self.static = [self.grid.fit(W[:, g * self.size:(g + 1) * self.size]) for g in range(groups)]
+            self.static = [self.grid.fit(zeroed[:, g * self.size:(g + 1) * self.size]) for g in range(groups)]
         self.codesT = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
         self.scale = torch.empty(rows, groups, device=W.device)
         self.zero = torch.empty(rows, groups, device=W.device)
@@ -99,7 +105,7 @@ class GridQuantizer:
 def round_to_nearest(W: torch.Tensor, quantizer: ColumnQuantizer) -> QuantizedWeight:
     """Every column rounded on its own (no error feedback): RTN through the same quantizer."""
     WT = W.T.contiguous()
-    quantizer.prepare(W, None)
+    quantizer.prepare(W, None, torch.zeros(W.shape[1], dtype=torch.bool, device=W.device))
     for col in range(0, W.shape[1], quantizer.width):
         quantizer.quantize(WT, col)
     return quantizer.finish()

@@ -109,13 +109,12 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
     W = W.to(torch.float32).clone()
     H = H.clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
     perm = None
     if options.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-    quantizer.prepare(W, perm)
+        perm = torch.argsort(torch.where(dead, torch.ones_like(torch.diag(H)), torch.diag(H)), descending=True)
+    quantizer.prepare(W, perm, dead.to(W.device))
+    H[dead, dead] = 1
+    W[:, dead] = 0
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
