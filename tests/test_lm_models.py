@@ -169,7 +169,7 @@ def test_every_method_runs_through_the_pipeline(tiny, data_dir, tmp_path, method
         assert metrics["wikitext2_ppl"] != metrics["fp_wikitext2_ppl"]
         assert result["summary"]["bits_per_weight"] >= 3
     assert result["calib_tokens"] == 4 * 32 and result["eval_seqlen"] == 32
-    assert result["tokenizer"]["class"] == "PreTrainedTokenizerFast" and result["tokenizer"]["fast"]
+    assert result["tokenizer"]["class"] == "TokenizersBackend" and result["tokenizer"]["fast"]  # transformers 5
     assert set(result["eval_tokens"]) == {"wikitext2", "c4", "ptb"} and all(n > 32 for n in result["eval_tokens"].values())
     assert result["perplexity"]["c4"]["seqlen"] == 32
 
