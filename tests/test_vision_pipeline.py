@@ -10,7 +10,7 @@ import pytest
 
 from fqbench.app import run_job
 from fqbench.methods import build_method
-from vision_helpers import compose_config
+from vision_helpers import SWIN_UNITS, compose_config, small_swin_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ["model=vit_t", "model.pretrained=false", "method=framequant", "bits=2", "redundancy=1.1",
@@ -92,19 +92,9 @@ def test_ablation_overrides_compose_into_the_intended_method(label):
 
 def test_swin_through_the_pipeline_on_real_images(data_root, tmp_path):
     """Patch merging and shifted windows through the engine: every unit's linears, in order."""
-    cfg = compose_config("model=swin_t", "model.pretrained=false", "+model.kwargs.depths=[2,1,1,1]",
-                         "+model.kwargs.img_size=64", "+model.pretrained_cfg.input_size=[3,64,64]",
-                         "method=rtn", "bits=4", "calib.nsamples=4", "eval.max_images=8",
-                         f"data.root={data_root}", f"runs_root={tmp_path / 'runs'}", "device=cpu",
-                         "engine.progress=false", "eval.workers=0")
-    record = run_job(cfg, tmp_path / "run")
+    record = run_job(small_swin_job(data_root, tmp_path, "method=rtn", "bits=4"), tmp_path / "run")
     assert record["status"] == "ok" and record["eval_images"] == 8
-    names = [layer["name"] for layer in record["layers"]]
-    blocks = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    expected = [f"layers.0.blocks.{j}.{n}" for j in range(2) for n in blocks]
-    for stage in (1, 2, 3):
-        expected += [f"layers.{stage}.downsample.reduction"] + [f"layers.{stage}.blocks.0.{n}" for n in blocks]
-    assert names == expected
+    assert [layer["name"] for layer in record["layers"]] == SWIN_UNITS
     reduction = record["layers"][8]
     assert list(reduction["shape"]) == [192, 384] and reduction["bits_per_weight"] > 4
     assert tuple(record["data_config"]["input_size"]) == (3, 64, 64)

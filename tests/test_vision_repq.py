@@ -21,7 +21,7 @@ from fqbench.quantized import QuantLinear
 from fqbench.quantized.activations import (
     AffineQuantizer, Log2Quantizer, affine_codes, affine_quantize, log_sqrt2_codes, log_sqrt2_quantize,
 )
-from vision_helpers import compose_config
+from vision_helpers import SWIN_UNITS, small_swin_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -281,19 +281,9 @@ def test_stored_quantizers_reload_bit_identical(spec, tmp_path):
 
 
 def test_swin_through_the_pipeline_on_real_images(data_root, tmp_path):
-    cfg = compose_config("model=swin_t", "model.pretrained=false", "+model.kwargs.depths=[2,1,1,1]",
-                         "+model.kwargs.img_size=64", "+model.pretrained_cfg.input_size=[3,64,64]",
-                         "variant=repq_w4a4", "calib.nsamples=4", "eval.max_images=8",
-                         f"data.root={data_root}", f"runs_root={tmp_path / 'runs'}", "device=cpu",
-                         "engine.progress=false", "eval.workers=0")
-    record = run_job(cfg, tmp_path / "run")
+    record = run_job(small_swin_job(data_root, tmp_path, "variant=repq_w4a4"), tmp_path / "run")
     assert record["status"] == "ok" and record["eval_images"] == 8
-    names = [layer["name"] for layer in record["layers"]]
-    blocks = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    expected = [f"layers.0.blocks.{j}.{n}" for j in range(2) for n in blocks]
-    for stage in (1, 2, 3):
-        expected += [f"layers.{stage}.downsample.reduction"] + [f"layers.{stage}.blocks.0.{n}" for n in blocks]
-    assert names == expected
+    assert [layer["name"] for layer in record["layers"]] == SWIN_UNITS
     reduction = record["layers"][8]
     assert reduction["extra"]["reparameterized_norm"] == "norm" and reduction["extra"]["shared_zero"] is True
     folded = {layer["name"]: layer["extra"]["reparameterized_norm"] for layer in record["layers"]}

@@ -161,19 +161,7 @@ def time_decode(model: nn.Module, batch: int = 1, new_tokens: int = 32, prompt: 
     capacity = prompt + WARMUP_STEPS + rounds * new_tokens
     decoder = _Decoder(model, _random_ids(model, batch, prompt, seed), capacity)
     run, graphed, note = _runner(decoder.step, device, graphs)
-    timing = Timing("decode", batch, new_tokens, graphs=graphed, note=note)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            run()
-        _sync(device)
-        timing.seconds.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        timing.peak_bytes = torch.cuda.max_memory_allocated(device)
-    return timing
+    return _timed(Timing("decode", batch, new_tokens, graphs=graphed, note=note), run, new_tokens, rounds, device)
 
 
 def time_prefill(model: nn.Module, batch: int = 1, length: int = 2048, rounds: int = 3, graphs=False,
@@ -188,13 +176,18 @@ def time_prefill(model: nn.Module, batch: int = 1, length: int = 2048, rounds: i
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     run, graphed, note = _runner(step, device, graphs)
-    timing = Timing("prefill", batch, length, graphs=graphed, note=note)
+    return _timed(Timing("prefill", batch, length, graphs=graphed, note=note), run, 1, rounds, device)
+
+
+def _timed(timing: Timing, run, calls: int, rounds: int, device: torch.device) -> Timing:
+    """``rounds`` timings of ``calls`` runs each, and the peak memory on CUDA."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(rounds):
         _sync(device)
         start = time.perf_counter()
-        run()
+        for _ in range(calls):
+            run()
         _sync(device)
         timing.seconds.append(time.perf_counter() - start)
     if device.type == "cuda":

@@ -29,23 +29,13 @@ from typing import ClassVar
 
 import torch
 
-from fqbench.quantized.base import StateError, StoredModule, Stored, check_tensors, dtype_bits
+from fqbench.quantized.base import StateError, StoredModule, Stored, check_tensors, dtype_bits, kind_registrar
 
 GELU_MIN = 0.16997124254703522  # -min GELU(x): the post-GELU negative range
 SQRT2 = 2 ** 0.5
 QUARTER, THREE_QUARTERS = 2 ** -0.25, 2 ** -0.75  # mantissa thresholds of the half-power levels
 ACTIVATION_KINDS: dict[str, type["ActivationQuantizer"]] = {}
-
-
-def register_activation_kind(name: str):
-    def decorate(cls):
-        if name in ACTIVATION_KINDS:
-            raise ValueError(f"activation quantizer kind {name!r} is registered twice")
-        cls.kind = name
-        ACTIVATION_KINDS[name] = cls
-        return cls
-
-    return decorate
+register_activation_kind = kind_registrar(ACTIVATION_KINDS, "activation quantizer kind")
 
 
 def check_act_bits(bits) -> None:

@@ -33,15 +33,23 @@ LAYOUTS = ("plain", "packed", "kernel")
 WEIGHT_KINDS: dict[str, type["QuantizedWeight"]] = {}
 
 
-def register_weight_kind(name: str):
-    def decorate(cls):
-        if name in WEIGHT_KINDS:
-            raise ValueError(f"weight kind {name!r} is registered twice")
-        cls.kind = name
-        WEIGHT_KINDS[name] = cls
-        return cls
+def kind_registrar(registry: dict, what: str):
+    """A decorator factory registering classes in ``registry`` under a kind name (stored in checkpoints)."""
 
-    return decorate
+    def register(name: str):
+        def decorate(cls):
+            if name in registry:
+                raise ValueError(f"{what} {name!r} is registered twice")
+            cls.kind = name
+            registry[name] = cls
+            return cls
+
+        return decorate
+
+    return register
+
+
+register_weight_kind = kind_registrar(WEIGHT_KINDS, "weight kind")
 
 
 class StateError(ValueError):
