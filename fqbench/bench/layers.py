@@ -121,12 +121,12 @@ def bench_layer(W, H, X, shape: str, bits, methods, device, repeats, warmup=1):
     for name, options in methods:
         label = name + "".join(f" {k}={v}" for k, v in options.items())
         best = float("inf")
+        method = None if name == "gptq_reference" else build_method(name, bits=bits, **options)
         for attempt in range(warmup + repeats):
-            if name == "gptq_reference":
+            if method is None:
                 W_hat, seconds = _timed(lambda: reference_gptq(W, H, bits))
                 bits_per_weight = float("nan")
             else:
-                method = build_method(name, bits=bits, **options)
                 layer, seconds = _timed(lambda: method.quantize(W, H))
                 W_hat, bits_per_weight = layer.weight(), layer.bits_per_weight
             if attempt >= warmup:  # warm-up calls pay one-time costs (kernel loading, allocator growth)
