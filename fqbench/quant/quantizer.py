@@ -121,12 +121,12 @@ class CodebookQuantizer:
         if not self.rms_ratio > 0:
             raise ValueError(f"rms_ratio={rms_ratio} must be positive (the scale is RMS(W) / rms_ratio)")
 
-    def prepare(self, W: torch.Tensor, order: torch.Tensor | None) -> None:
+    def prepare(self, W: torch.Tensor, order: torch.Tensor | None, dead: torch.Tensor) -> None:
         if order is not None:
             raise ValueError("a vector codebook quantizes groups of consecutive columns; act_order (a column "
                              "permutation) is not supported: use method.solver.act_order=false")
         rows, cols = W.shape
-        rms = W.double().square().mean().sqrt().item()
+        rms = W.masked_fill(dead, 0).double().square().mean().sqrt().item()  # of the weights the solver quantizes
         self.scale = torch.tensor([rms / self.rms_ratio if rms > 0 else 1.0], dtype=torch.float32)
         self.shape = (rows, cols)
         self.codes = torch.empty(len(self.codebook.stages), math.ceil(cols / DIM), rows, dtype=torch.int32,
