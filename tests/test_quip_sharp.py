@@ -194,6 +194,7 @@ def test_layer_format_reloads_bit_identical(bits, shape, layer_factory):
         assert rebuilt.bits_per_weight == layer.bits_per_weight
     stored = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
     assert 0 <= stored - layer.stored_bits < 8 * 8 * len(tensors)
+    assert layer.with_layout("kernel").layout == "packed"  # no inference kernel takes codebook codes
 
 
 def test_dimensions_without_a_hadamard_transform_are_refused(layer_factory):

@@ -15,11 +15,13 @@ Stored (names relative to the weight), each counted at the bits it costs:
 
 The codebook itself is a constant of the format (named in the metadata, regenerated on load).
 In the ``plain`` layout the codes are one int32 each (ready to index the codebook); in the
-``packed`` layout they stay bit-packed in memory and the weights are decoded from them.
+``packed`` layout they stay bit-packed in memory and the weights are decoded from them. There
+is no GPU kernel for codebook codes: the ``kernel`` layout keeps them packed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -30,6 +32,8 @@ from fqbench.quantized.base import QuantizedWeight, StateError, Stored, check_la
 from fqbench.quantized.grid import _copy_identity
 
 STAGE_NAMES = ("codes", "residual_codes")
+
+log = logging.getLogger(__name__)
 
 
 @register_weight_kind("codebook")
@@ -79,17 +83,25 @@ class CodebookWeight(QuantizedWeight):
         weight = vectors.view(self.out_features, self.groups * DIM)[:, :self.in_features]
         return (weight * self.scale).contiguous()
 
-    def with_layout(self, layout: str) -> "CodebookWeight":
+    def with_layout(self, layout: str, *, device=None, dtype: torch.dtype = torch.float16) -> "CodebookWeight":
         check_layout(layout)
+        if layout == "kernel":
+            log.warning("%s: no kernel layout (%s); kept bit-packed (CPU decode)", self.extra_repr(),
+                        self.kernel_problem())
+            layout = "packed"
         if layout == self._layout:
-            return self
+            return self if device is None else self.to(device)
         codes = self.stage_codes()
         if layout == "packed":
             codes = [pack_bits(c, stage.bits).to(c.device) for c, stage in zip(codes, self.codebook.stages)]
         clone = CodebookWeight(tuple(codes), self.scale, codebook=self.codebook.name,
                                shape=(self.out_features, self.in_features), layout=layout)
         _copy_identity(self, clone)
-        return clone
+        return clone if device is None else clone.to(device)
+
+    def kernel_problem(self) -> str:
+        """Why this weight has no ``kernel`` layout: the inference kernels take scalar grid codes."""
+        return "the inference kernels take scalar grid codes, not codebook codes"
 
     # --- storage ------------------------------------------------------------------------
 
