@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from fqbench.bench import layers
 from fqbench.bench.layers import DEFAULT_METHODS, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,16 +28,18 @@ def test_layer_benchmark_reports_every_method_as_ratios_to_gptq(tmp_path, capsys
     assert "| 96x128 | framequant redundancy=1.0 |" in capsys.readouterr().out
 
 
-def test_layer_benchmark_on_every_linear_of_a_pretrained_model(tmp_path, capsys):
+def test_layer_benchmark_on_every_linear_of_a_pretrained_model(tmp_path, capsys, monkeypatch):
     from lm_tiny import save_tiny_model
 
+    methods = [("gptq", {}), ("quip_sharp", {})]
+    monkeypatch.setattr(layers, "DEFAULT_METHODS", methods)
     model = save_tiny_model("llama", tmp_path / "llama")
     out = tmp_path / "rows.json"
     main(["--model", str(model), "--calib", "2", "--eval", "1", "--seqlen", "16", "--repeats", "1", "--warmup", "0",
           "--device", "cpu", "--json", str(out)])
     rows = json.loads(out.read_text())
     linears = {r["shape"] for r in rows}
-    assert len(linears) == 2 * 7 and len(rows) == len(linears) * len(DEFAULT_METHODS)  # 2 blocks of 7 linears
+    assert len(linears) == 2 * 7 and len(rows) == len(linears) * len(methods)  # 2 blocks of 7 linears
     assert all(r["error_vs_gptq"] == 1.0 for r in rows if r["method"] == "gptq")
     summary = capsys.readouterr().out
     assert "| 14 layers | quip_sharp |" in summary and "| 14 layers | gptq | " in summary
