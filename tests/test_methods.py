@@ -6,7 +6,7 @@ import torch
 from fqbench.methods import build_method, registered_methods
 from fqbench.quant.checks import proxy_error
 
-ALL_METHODS = ["fp", "rtn", "gptq", "gptq_clip", "quip", "quip_clip", "framequant"]
+ALL_METHODS = ["fp", "rtn", "gptq", "gptq_clip", "quip", "quip_clip", "quip_sharp", "framequant"]
 
 
 def held_out_error(W, layer, X):

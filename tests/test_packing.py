@@ -158,7 +158,9 @@ METHODS = {
     "gptq": {"bits": 3},
     "quip": {"bits": 2},
     "framequant": {"bits": 2, "redundancy": 1.1},
+    "quip_sharp": {"bits": 2},
 }
+TRANSFORMED = ("framequant", "quip", "quip_sharp")  # computed in frame (or rotated) space
 
 
 def model_inputs(kind, generator, batch=2):
@@ -216,10 +218,10 @@ def test_save_and_load_gives_the_evaluated_model(kind, method_name, checkpoints)
     packed = load_quantized(directory, mode="packed")
     modules = dict(packed.named_modules())
     assert all(isinstance(modules[n], QuantLinear) and modules[n].quantized.layout == "packed" for n in layers)
-    kind = TransformedWeight if method_name in ("framequant", "quip") else GridWeight
+    kind = TransformedWeight if method_name in TRANSFORMED else GridWeight
     assert all(isinstance(modules[n].quantized, kind) for n in layers)
     got = outputs(packed, inputs)
-    if method_name in ("framequant", "quip"):  # frame space: equal within float rounding
+    if method_name in TRANSFORMED:  # frame space: equal within float rounding
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     else:  # many rows of activations: weights decoded exactly as the fake-quantized model
         assert torch.equal(got, expected)

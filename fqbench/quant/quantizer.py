@@ -12,7 +12,8 @@ solver's loop.
                                       # without input not yet zeroed: ``dead``, a boolean mask);
                                       # order: the solve order (act-order permutation) or None
     dq = quantizer.quantize(WT, col)  # WT: (cols, rows), the up-to-date weights in solve order;
-                                      # returns (width, rows) dequantized values of WT[col:col + width]
+                                      # returns (k, rows) dequantized values of WT[col:col + k],
+                                      # k = min(width, cols - col): the last group may be narrower
     weight = quantizer.finish()       # a QuantizedWeight in original column order
 """
 
@@ -23,8 +24,10 @@ from typing import Protocol
 
 import torch
 
+from fqbench.quant.codebook import DIM, VectorCodebook
 from fqbench.quant.grids import AffineGrid, GridSpec
 from fqbench.quantized import GridWeight, QuantizedWeight
+from fqbench.quantized.codebook import CodebookWeight
 
 
 class ColumnQuantizer(Protocol):
@@ -100,6 +103,49 @@ class GridQuantizer:
         return GridWeight.fit(codes.contiguous(), self.scale, self.zero, group_index, bits=self.grid.bits,
                               integer_zero=self.grid.integer_zero, shared_scale=self.grid.shared_scale,
                               scale_dtype=getattr(torch, self.grid.scale_dtype))
+
+
+class CodebookQuantizer:
+    """Eight columns at a time: each row's eight weights become the nearest codeword of a vector codebook
+    (QuIP#'s E8P12 and its residual stages), at one scale for the matrix, ``RMS(W) / rms_ratio``.
+
+    A last group of fewer than eight columns is matched on its columns only (the codeword's other entries
+    are free). The solver's act-order would group columns out of order, which the codes cannot express.
+    """
+
+    width = DIM
+
+    def __init__(self, codebook: VectorCodebook, rms_ratio: float | None = None):
+        self.codebook = codebook
+        self.rms_ratio = codebook.rms_ratio if rms_ratio is None else rms_ratio
+        if not self.rms_ratio > 0:
+            raise ValueError(f"rms_ratio={rms_ratio} must be positive (the scale is RMS(W) / rms_ratio)")
+
+    def prepare(self, W: torch.Tensor, order: torch.Tensor | None, dead: torch.Tensor) -> None:
+        if order is not None:
+            raise ValueError("a vector codebook quantizes groups of consecutive columns; act_order (a column "
+                             "permutation) is not supported: use method.solver.act_order=false")
+        rows, cols = W.shape
+        rms = W.masked_fill(dead, 0).double().square().mean().sqrt().item()  # of the weights the solver quantizes
+        self.scale = torch.tensor([rms / self.rms_ratio if rms > 0 else 1.0], dtype=torch.float32)
+        self.shape = (rows, cols)
+        self.codes = torch.empty(len(self.codebook.stages), math.ceil(cols / DIM), rows, dtype=torch.int32,
+                                 device=W.device)
+
+    def quantize(self, WT: torch.Tensor, col: int) -> torch.Tensor:
+        columns = WT[col:col + DIM]
+        k = columns.shape[0]
+        scale = self.scale.to(WT.device)
+        target = torch.zeros(columns.shape[1], DIM, device=WT.device)
+        target[:, :k] = columns.T / scale
+        mask = None if k == DIM else torch.arange(DIM) < k
+        codes = self.codebook.encode(target, mask)
+        self.codes[:, col // DIM] = codes.int()
+        return (self.codebook.decode(codes)[:, :k] * scale).T
+
+    def finish(self) -> CodebookWeight:
+        codes = tuple(stage.T.contiguous() for stage in self.codes)
+        return CodebookWeight(codes, self.scale.to(self.codes.device), codebook=self.codebook.name, shape=self.shape)
 
 
 def round_to_nearest(W: torch.Tensor, quantizer: ColumnQuantizer) -> QuantizedWeight:

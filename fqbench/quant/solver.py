@@ -99,13 +99,14 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
     One column (scalar grids): its error ``(w - q) / U[i, i]`` updates the later columns with
     ``U[i, i+1:]``. A group of ``g`` columns quantized jointly (a vector codebook): the error
     ``E = U_bb^-T (w_b - q_b)`` (a triangular solve with the group's g x g block of U) updates
-    the later columns with ``U[b, later]`` (BlockLDLQ; with g = 1 it is the scalar rule).
+    the later columns with ``U[b, later]`` (BlockLDLQ; with g = 1 it is the scalar rule). When the
+    columns are not a multiple of g, the last group is narrower.
     """
     rows, cols = W.shape
     width = quantizer.width
-    if cols % width or options.blocksize % width:
-        raise ValueError(f"a quantizer of {width} columns at a time needs cols ({cols}) and blocksize "
-                         f"({options.blocksize}) to be multiples of {width}")
+    if options.blocksize % width:
+        raise ValueError(f"a quantizer of {width} columns at a time needs the blocksize ({options.blocksize}) "
+                         f"to be a multiple of {width}")
     W = W.to(torch.float32).clone()
     H = H.clone()
     dead = torch.diag(H) == 0
@@ -142,7 +143,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
                 Err1[i] = err
             else:
-                j = i + width
+                j = min(i + width, i2 - i1)
                 err = torch.linalg.solve_triangular(U1[i:j, i:j].T, W1[i:j] - dq, upper=False)
                 W1[j:].addmm_(U1[i:j, j:].T, err, alpha=-1)
                 Err1[i:j] = err
