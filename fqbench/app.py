@@ -3,8 +3,10 @@
 One job = one model, one method configuration: run the task's pipeline and
 write ``result.json`` atomically in the job's output directory, whether the
 job succeeds or fails (a failed job in a sweep is recorded and the sweep goes on).
-A job whose config already has a finished record under ``runs_root`` is skipped
-(``rerun=true`` runs it again): Hydra sweeps resume by re-running the command.
+A job whose config already has a finished record under ``runs_root`` (or the
+sweep's folder) is skipped (``rerun=true`` runs it again): Hydra sweeps resume by
+re-running the command. A job claims its config hash first (``fqbench.claims``):
+concurrent sweeps on one runs root run each job once.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from hydra.types import RunMode
 from hydra.utils import call
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fqbench.claims import Claim, claim, keep_replaced_record
 from fqbench.config import CONF_DIR, register_schemas
+from fqbench.config_checks import check_config
+from fqbench.finite import check_metrics
 from fqbench.methods import build_method
 from fqbench.pipelines import run_pipeline
 from fqbench.records import (
-    config_hash, device_info, effective_redundancy, find_finished, peak_memory_bytes, read_record, versions,
-    write_record,
+    RECORD_NAME, config_hash, device_info, effective_redundancy, find_finished, peak_memory_bytes, read_record,
+    versions, write_record,
 )
 from fqbench.seeding import seed_everything
 from fqbench.tracking import make_tracker
@@ -60,16 +65,54 @@ def prepare_model(cfg: DictConfig) -> str:
 
 
 def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> dict:
-    """Run one job (or skip it when its config already has a finished record) and return its record."""
+    """Run one job (or skip it when its config already has a finished record, or another job holds its
+    claim) and return its record; a skipped job's record says why under ``skipped``."""
+    check_config(cfg)  # before any work: a bad number is an error, not a record
     resolved = OmegaConf.to_container(cfg, resolve=True)
     digest = config_hash(resolved)
-    if not cfg.rerun:
-        existing = find_finished(cfg.runs_root, digest)
-        previous = read_record(existing) if existing is not None else None
-        # save=true is not part of the hash, but a record without the packed model does not satisfy it.
-        if previous is not None and (not cfg.get("save") or previous["config"].get("save")):
-            log.info("skipping: config %s already has a finished record %s (rerun=true runs it again)", digest, existing)
-            return {**previous, "skipped": True}
+    roots = _resume_roots(cfg, output_dir)
+    if not cfg.rerun and (previous := _finished_record(cfg, roots, digest)) is not None:
+        return previous
+    held = claim(cfg.runs_root, digest, Path(output_dir) / RECORD_NAME, timeout=cfg.claim_timeout)
+    if not isinstance(held, Claim):
+        log.info("skipping: config %s is being run by %s", digest, held.describe())
+        return {"status": "skipped", "skipped": f"claimed by {held.describe()}", "config_hash": digest,
+                "config": resolved, "choices": choices or {}}
+    with held:
+        # a job of this config may have finished between the look-up and the claim
+        if not cfg.rerun and (previous := _finished_record(cfg, roots, digest)) is not None:
+            return previous
+        keep_replaced_record(output_dir, digest)
+        return _run_claimed(cfg, output_dir, choices, resolved, digest)
+
+
+def _resume_roots(cfg: DictConfig, output_dir: Path) -> list[Path]:
+    """Where finished records are looked up: the runs root, the sweep folder (which may lie elsewhere), the job's."""
+    roots = [Path(cfg.runs_root), Path(output_dir)]
+    if _in_multirun():
+        roots.append(Path(HydraConfig.get().sweep.dir))
+    return roots
+
+
+def _finished_record(cfg: DictConfig, roots: list[Path], digest: str) -> dict | None:
+    """The finished record that makes this job a skip, marked with why; None when the job must run."""
+    existing = find_finished(roots, digest)
+    if existing is None:
+        return None
+    previous = read_record(existing)
+    # save=true is not part of the hash, but a record without its packed model does not satisfy it.
+    if cfg.get("save"):
+        packed = (previous.get("packed") or {}).get("directory")
+        if not packed or not (Path(packed) / "config.json").is_file():
+            log.warning("running again: the finished record %s has no packed checkpoint%s; save=true writes one",
+                        existing, f" (missing: {packed})" if packed else "")
+            return None
+    log.info("skipping: config %s already has a finished record %s (rerun=true runs it again)", digest, existing)
+    return {**previous, "skipped": f"already finished: {existing}"}
+
+
+def _run_claimed(cfg: DictConfig, output_dir: Path, choices: dict | None, resolved: dict, digest: str) -> dict:
+    """Run a job whose claim this process holds: its record says running, then ok or failed."""
     record = {
         "status": "running",
         "sweep": cfg.name,
@@ -112,6 +155,7 @@ def run_job(cfg: DictConfig, output_dir: Path, choices: dict | None = None) -> d
             layers=layers,
             **{k: v for k, v in result.items() if k not in ("metrics", "layers", "summary")},
         )
+        check_metrics(record["metrics"])  # a NaN result is a failure, not a finished record
     except Exception as error:  # recorded, then re-raised unless a sweep must go on
         record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         log.error("job failed: %s", record["error"])
@@ -191,7 +235,13 @@ register_schemas()  # the method yaml files name their schemas; Hydra composes w
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
     hydra_cfg = HydraConfig.get()
     choices = {group: hydra_cfg.runtime.choices.get(group) for group in GROUPS}
-    run_job(cfg, Path(hydra_cfg.runtime.output_dir), choices)
+    try:
+        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), choices)
+    except Exception as error:  # failed before its record existed; the sweep's summary lists it
+        if not _in_multirun():
+            raise
+        log.error("job failed: %s: %s", type(error).__name__, error)
+        return {"status": "failed", "error": f"{type(error).__name__}: {error}"}

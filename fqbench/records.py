@@ -26,6 +26,9 @@ from typing import Iterator
 
 import torch
 
+from fqbench.finite import nonfinite_paths
+from fqbench.umask import apply_umask
+
 RECORD_NAME = "result.json"
 FINISHED = "ok"
 
@@ -50,7 +53,7 @@ class LayerRecord:
         return asdict(self)
 
 # Config keys (dotted paths) that do not change what a job computes: where it
-# runs and writes (runs_root, device, data.root, threads, evaluation batch size
+# runs and writes (runs_root, device, data.root and data.hub, threads, claim_timeout, evaluation batch size
 # and loader workers), how it reports (tracking, progress bars, the sweep's
 # name), whether it re-runs, and the
 # top-level shortcuts ``bits``/``redundancy``, whose values reach the job only
@@ -59,7 +62,8 @@ class LayerRecord:
 # of one config differ only by floating-point rounding.
 NON_SEMANTIC_KEYS = (
     "runs_root", "rerun", "tracking", "hydra", "save", "progress", "engine.progress",
-    "device", "threads", "data.root", "eval.batch_size", "eval.workers", "name", "bits", "redundancy",
+    "device", "threads", "data.root", "data.hub", "eval.batch_size", "eval.workers", "name", "bits", "redundancy",
+    "claim_timeout",
 )
 
 
@@ -90,20 +94,28 @@ def _drop_paths(config: dict, paths) -> dict:
 
 
 def write_record(directory: str | os.PathLike, record: dict) -> Path:
-    """Write ``result.json`` atomically: a reader sees the old file or the new one, never half of one."""
+    """Write ``result.json`` atomically: a reader sees the old file or the new one, never half of one.
+
+    Strict JSON: NaN/Inf numbers are written as null, their dotted paths listed under ``non_finite``.
+    """
     return write_json(Path(directory) / RECORD_NAME, record)
 
 
 def write_json(path: str | os.PathLike, value) -> Path:
-    """Write ``value`` as JSON atomically (tensors as lists, NaN kept), creating the folder."""
+    """Write ``value`` (a dict or a list) as strict JSON atomically, creating the folder; NaN/Inf numbers become
+    null, and a dict lists their dotted paths under ``non_finite``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
+        payload = _jsonable(value)
+        if isinstance(value, dict) and nonfinite_paths(value):
+            payload["non_finite"] = nonfinite_paths(value)
         with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(value), f, indent=1, allow_nan=True)
+            json.dump(payload, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -124,7 +136,7 @@ def _jsonable(value):
     if isinstance(value, torch.Tensor):
         return _jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
-        return value  # json writes NaN/Infinity; the loader reads them back
+        return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -197,10 +209,16 @@ def iter_records(root: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
             log.warning("skipping unreadable record %s: %s", path, error)
 
 
-def find_finished(root: str | os.PathLike, config_hash: str) -> Path | None:
-    """The newest finished record under ``root`` for a config hash, or None."""
-    found = [(record.get("finished_at") or "", path) for path, record in iter_records(root)
-             if record.get("config_hash") == config_hash and record.get("status") == FINISHED]
+def find_finished(roots: str | os.PathLike | list, config_hash: str) -> Path | None:
+    """The newest finished record under ``roots`` (a folder or several) for a config hash, or None.
+
+    A record whose metrics are NaN/Inf (written before such jobs failed) is not finished.
+    """
+    roots = [roots] if isinstance(roots, (str, os.PathLike)) else roots
+    records = {path.resolve(): record for root in roots for path, record in iter_records(root)}
+    found = [(record.get("finished_at") or "", path) for path, record in records.items()
+             if record.get("config_hash") == config_hash and record.get("status") == FINISHED
+             and not nonfinite_paths(record.get("metrics") or {})]
     return max(found)[1] if found else None
 
 

@@ -3,8 +3,8 @@
 Sweep 1 (joblib launcher, two processes): GPTQ and RTN at 2 and 3 bits write four
 finished records. Sweep 2, the identical command, skips all four. Sweep 3 (basic
 launcher, one process, W&B offline): a job with an invalid bit width fails and is
-recorded, the next job still runs, and each job's W&B run was finished and has
-its config and metrics.
+recorded, the next job still runs, the sweep exits with status 1 after its
+summary, and each job's W&B run was finished and has its config and metrics.
 """
 
 import json
@@ -25,10 +25,10 @@ TINY = ["model.build.hidden_size=32", "model.build.intermediate_size=64", "model
         "eval.fp_baseline=false", "engine.progress=false", "threads=1"]
 
 
-def fqbench(*args, env=None):
+def fqbench(*args, env=None, exit_code=0):
     result = subprocess.run([sys.executable, "-m", "fqbench", *args], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})}, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
@@ -42,7 +42,7 @@ def sweep(tmp_path_factory):
     first_records = sorted((root / "runs").rglob("result.json"))
     second = fqbench(*args, env=env)
     third = fqbench("-m", "method=gptq", "bits=9,4", "tracking=wandb", f"tracking.dir={root / 'wandb'}",
-                    f"runs_root={root / 'runs'}", "name=failing", *TINY, env=env)
+                    f"runs_root={root / 'runs'}", "name=failing", *TINY, env=env, exit_code=1)
     return {"root": root, "runs": root / "runs", "first": first, "first_records": first_records, "second": second,
             "third": third}
 
@@ -79,6 +79,7 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(sweep):
     assert failing[9]["status"] == "failed"
     assert "bits=9 is not supported" in failing[9]["error"] and "Traceback" in failing[9]["traceback"]
     assert failing[4]["status"] == "ok" and failing[4]["metrics"]["pystdlib_ppl"] > 1
+    assert "2 jobs: 1 finished, 0 skipped, 1 failed" in sweep["third"]  # the summary; the exit status was 1
 
 
 def test_records_load_into_one_dataframe(sweep):

@@ -4,7 +4,10 @@ import json
 
 import pytest
 
+from fqbench.bench import layers
 from fqbench.bench.layers import DEFAULT_METHODS, main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_layer_benchmark_reports_every_method_as_ratios_to_gptq(tmp_path, capsys):
@@ -25,18 +28,27 @@ def test_layer_benchmark_reports_every_method_as_ratios_to_gptq(tmp_path, capsys
     assert "| 96x128 | framequant redundancy=1.0 |" in capsys.readouterr().out
 
 
-def test_pretrained_layers_mode_summarises_every_method_over_every_linear(tmp_path, capsys):
+def test_layer_benchmark_on_every_linear_of_a_pretrained_model(tmp_path, capsys, monkeypatch):
     from lm_tiny import save_tiny_model
 
+    methods = [("gptq", {}), ("quip_sharp", {})]
+    monkeypatch.setattr(layers, "DEFAULT_METHODS", methods)
     model = save_tiny_model("llama", tmp_path / "llama")
     out = tmp_path / "rows.json"
-    main(["--model", str(model), "--bits", "3", "--calib", "4", "--eval", "2", "--seqlen", "16",
-          "--methods", "framequant:clip_sigma=auto", "gptq", "--json", str(out)])
+    main(["--model", str(model), "--calib", "2", "--eval", "1", "--seqlen", "16", "--repeats", "1", "--warmup", "0",
+          "--device", "cpu", "--json", str(out)])
     rows = json.loads(out.read_text())
-    layers = {r["layer"] for r in rows}
-    assert len(layers) == 2 * 7 and all(name.startswith("model.layers.") for name in layers)
-    assert {r["method"] for r in rows} == {"gptq", "framequant:clip_sigma=auto"}
+    linears = {r["shape"] for r in rows}
+    assert len(linears) == 2 * 7 and len(rows) == len(linears) * len(methods)  # 2 blocks of 7 linears
     assert all(r["error_vs_gptq"] == 1.0 for r in rows if r["method"] == "gptq")
-    assert all(r["clip_sigma"] is not None and r["held_out_error"] > 0 for r in rows if r["method"] != "gptq")
-    printed = capsys.readouterr().out
-    assert "| framequant:clip_sigma=auto |" in printed and "of 14 |" in printed
+    summary = capsys.readouterr().out
+    assert "| 14 layers | quip_sharp |" in summary and "| 14 layers | gptq | " in summary
+
+
+def test_methods_option_replaces_the_default_list_and_keeps_gptq(tmp_path):
+    out = tmp_path / "rows.json"
+    main(["--shapes", "48x64", "--bits", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out),
+          "--methods", "framequant:clip_sigma=auto", "framequant:clip_sigma=auto,grid_fit=mse"])
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["gptq", "framequant clip_sigma=auto", "framequant clip_sigma=auto grid_fit=mse"]
+    assert all(r["bits_per_weight"] > 4 for r in rows)

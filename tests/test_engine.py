@@ -2,8 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from fqbench.engine import accumulate_hessians, capture_block_inputs, quantize_blocks, run_block, summarize
-from fqbench.methods import LayerMethod, build_method
+from fqbench.engine import (
+    accumulate_hessians, capture_block_inputs, install, layer_record, quantize_blocks, run_block, summarize,
+)
+from fqbench.methods import BlockMethod, LayerMethod, build_method
 from fqbench.models.adapter import Layout
 from fqbench.quantized import QuantLinear
 
@@ -162,3 +164,103 @@ def test_activation_quantized_framequant_replaces_the_module():
     quantize(model, data, build_method("framequant", bits=4, redundancy=1.0, act_bits=8))
     assert isinstance(model.blocks[0].q, QuantLinear)
     assert torch.isfinite(model(data[0])).all()
+
+
+class FunctionalBlock(nn.Module):
+    """Uses its q/v linear through F.linear (as Swin V2 and EVA add separate biases), shares one input between two
+    linears, and runs a small MLP on a fixed coordinate table (as Swin V2's position bias) that must stay unquantized."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.qv = nn.Linear(d, 2 * d, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(2 * d))
+        self.gate = nn.Linear(d, d)
+        self.up = nn.Linear(d, d)
+        self.down = nn.Linear(d, d)
+        self.bias_mlp = nn.Linear(2, d)
+        self.register_buffer("coords", torch.randn(5, 2))
+
+    def forward(self, x):
+        q, v = torch.nn.functional.linear(input=x, weight=self.qv.weight, bias=self.q_bias).chunk(2, dim=-1)
+        x = x + torch.tanh(q) * v + self.bias_mlp(self.coords).mean(0)
+        return x + self.down(torch.relu(self.gate(x)) * self.up(x))
+
+
+def test_hessians_see_weights_used_through_functional_linear():
+    from fqbench.engine import BlockInputs
+
+    block = FunctionalBlock(8)
+    xs = [torch.randn(3, 8) for _ in range(2)]
+    hessians = accumulate_hessians(block, ["qv", "gate"], BlockInputs([(x,) for x in xs], [{}, {}]))
+    X = torch.cat(xs).double()
+    torch.testing.assert_close(hessians["qv"], 2 * X.T @ X / 6, rtol=1e-12, atol=0)
+    assert hessians["gate"].shape == (8, 8)
+
+
+def test_discovered_groups_follow_calls_share_inputs_and_skip_fixed_inputs():
+    from fqbench.engine import discover_groups
+
+    block = FunctionalBlock(8)
+    groups = discover_groups(block, (torch.randn(3, 8),), {})
+    assert groups == (("qv",), ("gate", "up"), ("down",))  # bias_mlp sees only the coordinate table
+
+
+class ReconstructingMethod(BlockMethod):
+    """A block method test double: RTN on every linear, checking what the engine hands over."""
+
+    name = "reconstructing"
+    Config = type(build_method("rtn").config)
+
+    def __init__(self):
+        super().__init__(build_method("rtn", bits=3).config)
+        self.contexts = []
+
+    def quantize_block(self, block, inputs, context):
+        assert torch.equal(torch.cat(context.fp_outputs), torch.cat(run_block(block.module, inputs)))
+        self.contexts.append(context)
+        records, layers = [], {}
+        rtn = build_method("rtn", bits=3)
+        for name in block.linears():
+            linear = block.module.get_submodule(name)
+            layer = rtn.quantize(linear.weight.data.float(), torch.eye(linear.in_features, dtype=torch.float64))
+            records.append(layer_record(f"{block.name}.{name}", linear.weight.data, layer,
+                                        torch.eye(linear.in_features, dtype=torch.float64)))
+            install(block.module, name, layer)
+            layers[f"{block.name}.{name}"] = layer
+        return records, layers
+
+
+def test_block_methods_get_the_block_inputs_and_fp_outputs():
+    model, data = setup()
+    method = ReconstructingMethod()
+    assert method.tier == "block"
+    records, layers = quantize(model, data, method, keep_layers=True)
+    assert len(method.contexts) == 3 and [r.name for r in records] == list(layers)
+    assert all(r.bits_per_weight > 3 for r in records)
+    assert torch.equal(model.blocks[2].down.weight, layers["blocks.2.down"].weight())
+
+
+def test_tiers_are_dispatched_explicitly():
+    from fqbench.engine import quantize_model
+
+    class Adapter:
+        name, full_precision = "toy", ()
+
+        def blocks(self, model):
+            return LAYOUT.find_blocks(model)
+
+        def run(self, model, sample, device):
+            return model(sample)
+
+        def block_kwargs(self, index, kwargs):
+            return kwargs
+
+    class Untiered(ReconstructingMethod):
+        tier = "custom"
+
+    model, data = setup()
+    layer_result = quantize_model(model, Adapter(), data, build_method("rtn", bits=2), device="cpu", progress=False)
+    block_result = quantize_model(setup()[0], Adapter(), data, ReconstructingMethod(), device="cpu", progress=False)
+    assert [r.name for r in layer_result.records] == [r.name for r in block_result.records]
+    with pytest.raises(ValueError, match="unknown tier 'custom'"):
+        quantize_model(model, Adapter(), data, Untiered(), device="cpu", progress=False)

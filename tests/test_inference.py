@@ -117,15 +117,23 @@ def test_packed_memory_is_what_the_bits_say():
     assert predicted <= held <= 1.1 * predicted
 
 
-def test_inference_benchmark_runs_end_to_end(capsys):
+def test_inference_benchmark_runs_end_to_end(capsys, tmp_path):
     from fqbench.bench.inference import main
 
     rows = main(["--hidden", "64", "--intermediate", "176", "--layers", "1", "--heads", "4", "--vocab", "64",
-                 "--decode-tokens", "2", "--prefill", "1x8", "--rounds", "1", "--threads", "1"])
-    assert [r["variant"] for r in rows] == ["dense FP32", "dense FP16", "packed GPTQ", "packed FrameQuant r=1",
-                                            "packed FrameQuant r=1.1"]
+                 "--decode-tokens", "2", "--decode-batches", "1,2", "--prefill", "8", "--rounds", "1",
+                 "--threads", "1", "--bits", "2,3", "--variants", "fp32,dense,gptq,framequant",
+                 "--records", str(tmp_path / "runs")])
+    assert [r["variant"] for r in rows] == ["dense FP32", "dense FP16", "GPTQ 2-bit", "GPTQ 3-bit", "FrameQuant r=1",
+                                            "FrameQuant r=1.1"]
     by_name = {r["variant"]: r for r in rows}
-    assert by_name["packed GPTQ"]["decode_vs_gptq"] == 1.0
-    assert by_name["packed FrameQuant r=1.1"]["bits_per_weight"] > by_name["packed GPTQ"]["bits_per_weight"] > 2
-    assert all(r["decode_tokens_per_s"] > 0 and r["peak_decode_mib"] >= r["weight_mib"] for r in rows)
-    assert "| packed FrameQuant r=1.1 |" in capsys.readouterr().out
+    assert by_name["dense FP16"]["decode_b1_vs_fp16"] == 1.0
+    assert by_name["FrameQuant r=1.1"]["bits_per_weight"] > by_name["GPTQ 2-bit"]["bits_per_weight"] > 2
+    assert all(r["decode_b1_tokens_per_s"] > 0 and r["decode_b2_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+               for r in rows)
+    # on a CPU the quantized variants keep their codes bit-packed: their own tensors are about the honest bits
+    for name in ("GPTQ 2-bit", "FrameQuant r=1"):
+        assert by_name[name]["layout"] == "packed" and 0.9 < by_name[name]["resident_vs_honest_bits"] < 1.3
+    assert "| FrameQuant r=1.1 |" in capsys.readouterr().out
+    records = sorted(p.parent.name for p in (tmp_path / "runs").rglob("result.json"))
+    assert records == ["fp", "fq_w2_r1.0", "fq_w2_r1.1", "gptq_w2", "gptq_w3"]

@@ -91,3 +91,49 @@ def test_cli_full_protocol_on_the_real_files(data_root, tmp_path):
     assert windows["c4"] == 256 and windows["wikitext2"] > 2000 and windows["ptb"] > 700
     for name in windows:
         assert record["metrics"][f"fp_{name}_ppl"] < record["metrics"][f"{name}_ppl"] < 20 * record["metrics"][f"fp_{name}_ppl"]
+
+
+EXTERNAL_METHOD = '''
+from dataclasses import dataclass
+
+from fqbench.methods import LayerMethod, register_method
+from fqbench.quant.grids import GridSpec
+from fqbench.quant.quantizer import GridQuantizer, round_to_nearest
+
+
+@dataclass
+class HalfRangeConfig:
+    bits: int = 4
+
+
+@register_method("half_range")
+class HalfRange(LayerMethod):
+    """Round-to-nearest on a symmetric grid: a method outside the package, one file and one yaml."""
+
+    Config = HalfRangeConfig
+
+    def _quantize(self, W, H, seed):
+        return round_to_nearest(W.float(), GridQuantizer(GridSpec(self.config.bits, "minmax", symmetric=True)))
+'''
+
+
+def test_a_method_outside_the_package_is_one_file_and_one_yaml(data_root, small_real_root, tmp_path):
+    """`_target_` names the config dataclass of an importable module; `hydra.searchpath` finds its yaml."""
+    (tmp_path / "plugin" / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "plugin" / "half_range_method.py").write_text(EXTERNAL_METHOD)
+    (tmp_path / "plugin" / "conf" / "method" / "half_range.yaml").write_text(
+        "_target_: half_range_method.HalfRangeConfig\nbits: ${bits}\n")
+    model = convert_stories(data_root, tmp_path / "stories")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "fqbench", "model=hf_causal_lm", f"model.path={model}", "method=half_range",
+               "bits=3", f"hydra.searchpath=[file://{tmp_path / 'plugin' / 'conf'}]", "calib.nsamples=4",
+               "calib.seqlen=128", "eval.seqlen=128", "eval.datasets=[wikitext2]", f"data.root={small_real_root}",
+               f"hydra.run.dir={run_dir}", f"runs_root={tmp_path / 'runs'}", "device=cpu", "threads=1",
+               "engine.progress=false"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "plugin")}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((run_dir / "result.json").read_text())
+    assert record["status"] == "ok" and record["method"] == "half_range"
+    assert record["config"]["method"]["bits"] == 3 and len(record["layers"]) == 5 * 7
+    assert all(layer["bits_per_weight"] > 3 for layer in record["layers"])

@@ -61,6 +61,7 @@ LAYER_CASES = [
     ("gptq", {"bits": 2}),
     ("gptq", {"bits": 4, "solver": {"act_order": True, "groupsize": 16}}),
     ("gptq", {"bits": 8, "symmetric": True}),
+    ("gptq", {"bits": 3, "scale_dtype": "float32"}),  # reference-exact: 32-bit scales stored and counted
     ("gptq_clip", {"bits": 2}),
     ("quip", {"bits": 2}),
     ("quip_clip", {"bits": 3}),
@@ -91,6 +92,15 @@ def test_layer_format_is_exact_and_matches_the_accounting(name, options, layer_f
         stored = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
         accounted = layer.stored_bits
         assert 0 <= stored - accounted < 8 * 8 * len(tensors)
+
+
+def test_reference_exact_scales_are_stored_and_counted_at_32_bits(layer_factory):
+    W, H, _ = layer_factory(96, 128)
+    half = build_method("gptq", bits=3).quantize(W, H)
+    full = build_method("gptq", bits=3, scale_dtype="float32").quantize(W, H)
+    tensors, meta = pack_layer(full)
+    assert tensors["scale"].dtype == torch.float32 and meta["scale_dtype"] == "float32"
+    assert full.bits_per_weight - half.bits_per_weight == pytest.approx(96 * 16 / (96 * 128))
 
 
 def test_parameters_that_cannot_be_stored_exactly_are_refused(layer_factory):
@@ -149,7 +159,9 @@ METHODS = {
     "gptq": {"bits": 3},
     "quip": {"bits": 2},
     "framequant": {"bits": 2, "redundancy": 1.1},
+    "quip_sharp": {"bits": 2},
 }
+TRANSFORMED = ("framequant", "quip", "quip_sharp")  # computed in frame (or rotated) space
 
 
 def model_inputs(kind, generator, batch=2):
@@ -207,13 +219,23 @@ def test_save_and_load_gives_the_evaluated_model(kind, method_name, checkpoints)
     packed = load_quantized(directory, mode="packed")
     modules = dict(packed.named_modules())
     assert all(isinstance(modules[n], QuantLinear) and modules[n].quantized.layout == "packed" for n in layers)
-    kind = TransformedWeight if method_name in ("framequant", "quip") else GridWeight
+    kind = TransformedWeight if method_name in TRANSFORMED else GridWeight
     assert all(isinstance(modules[n].quantized, kind) for n in layers)
     got = outputs(packed, inputs)
-    if method_name in ("framequant", "quip"):  # frame space: equal within float rounding
+    if method_name in TRANSFORMED:  # frame space: equal within float rounding
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     else:  # many rows of activations: weights decoded exactly as the fake-quantized model
         assert torch.equal(got, expected)
+
+    # The kernel layout (gemlite on a GPU; here the PyTorch kernel over the same int32 layout, and
+    # Kronecker-factored transforms): the same model within float32 rounding on the CPU.
+    kernel = load_quantized(directory, mode="kernel")
+    modules = dict(kernel.named_modules())
+    for n, layer in layers.items():  # groups of 16 that do not divide 100 columns are stored with an index
+        inner = layer.inner if isinstance(layer, TransformedWeight) else layer
+        assert modules[n].quantized.layout == ("kernel" if inner.kernel_problem() is None else "packed")
+    torch.testing.assert_close(outputs(kernel, inputs), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert {n: modules[n].quantized.bits_per_weight for n in layers} == {n: l.bits_per_weight for n, l in layers.items()}
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -383,3 +405,73 @@ def test_save_refuses_layers_of_another_model(checkpoints, tmp_path):
     assert not (tmp_path / "wrong").exists()  # nothing half-written
     with pytest.raises(FileExistsError):
         save_quantized(model, layers, checkpoints("llama", "gptq")[2], method="gptq")
+
+
+# --- checksums and permissions -----------------------------------------------------------
+
+
+def _flip(path, offset, count=1):
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_tensor_data_name_the_tensor(saved_copy):
+    from fqbench.packing.safetensors_file import data_offset, read_header
+
+    weights = saved_copy / "model.safetensors"
+    header = read_header(weights)
+    name = "model.layers.0.mlp.up_proj.quantized.codes"
+    begin, end = header[name]["data_offsets"]
+    _flip(weights, data_offset(weights) + begin + (end - begin) // 2)
+    load_file(weights)  # safetensors itself reads the damaged file without complaint
+    with pytest.raises(PackedFormatError, match=rf"tensor {name} does not match its sha256 checksum"):
+        load_quantized(saved_copy)
+    with pytest.raises(PackedFormatError, match=name):
+        load_quantized(saved_copy, mode="packed")
+    load_quantized(saved_copy, verify=False)  # the opt-out, for speed on trusted files
+
+
+def test_many_flipped_bytes_anywhere_in_the_data_are_caught(saved_copy):
+    from fqbench.packing.safetensors_file import data_offset
+
+    weights = saved_copy / "model.safetensors"
+    start = data_offset(weights)
+    _flip(weights, start + (weights.stat().st_size - start) // 3, 1000)
+    with pytest.raises(PackedFormatError, match="does not match its sha256 checksum"):
+        load_quantized(saved_copy)
+
+
+def test_checksums_are_stored_per_tensor(checkpoints):
+    from fqbench.packing.safetensors_file import read_header
+
+    _, _, directory = checkpoints("llama", "gptq")
+    header = read_header(directory / "model.safetensors")
+    stored = json.loads(header.pop("__metadata__")["fqbench.sha256"])
+    tensors = load_file(directory / "model.safetensors")
+    assert set(stored) == set(header) == set(tensors)
+    import hashlib
+
+    codes = tensors["model.layers.0.mlp.up_proj.quantized.codes"]
+    assert stored["model.layers.0.mlp.up_proj.quantized.codes"] == hashlib.sha256(codes.numpy().tobytes()).hexdigest()
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning(saved_copy):
+    _rewrite_tensors(saved_copy, lambda t: None)  # rewritten without fqbench's metadata, as before checksums
+    with pytest.warns(UserWarning, match="cannot be verified"):
+        load_quantized(saved_copy)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_checkpoints_follow_the_umask(checkpoints, tmp_path, umask):
+    import os
+
+    model, layers, _ = checkpoints("llama", "rtn")
+    old = os.umask(umask)
+    try:
+        save_quantized(model, layers, tmp_path / "packed", method="rtn")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "packed").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "packed").iterdir()} == {0o666 & ~umask}

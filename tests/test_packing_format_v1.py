@@ -21,7 +21,8 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 @pytest.mark.parametrize("mode", ["dequantized", "packed"])
 def test_format_v1_checkpoints_load_and_give_the_evaluated_logits(name, mode):
     expected = torch.load(FIXTURES / name / "expected_logits.pt")
-    model = load_quantized(FIXTURES / name, mode=mode)
+    with pytest.warns(UserWarning, match="no tensor checksums.*cannot be verified"):  # written before checksums
+        model = load_quantized(FIXTURES / name, mode=mode)
     with torch.no_grad():
         logits = model(torch.tensor(EXPECTED["probe"])).logits
     if mode == "dequantized":

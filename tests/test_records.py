@@ -1,5 +1,4 @@
 import json
-import math
 import os
 
 import pytest
@@ -47,12 +46,44 @@ def test_hash_ignores_key_order():
     assert config_hash(reordered) == config_hash(CONFIG)
 
 
-def test_write_record_is_atomic_and_keeps_non_finite_numbers(tmp_path):
-    path = write_record(tmp_path / "job", {"status": "ok", "metrics": {"ppl": float("inf"), "x": float("nan")}})
+def _strict_json(path):
+    """Parse a file as strict JSON: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_write_record_is_atomic_strict_json_and_notes_non_finite_numbers(tmp_path):
+    record = {"status": "failed", "metrics": {"ppl": float("inf"), "x": float("nan"), "y": 2.0},
+              "layers": [{"seconds": float("nan")}]}
+    path = write_record(tmp_path / "job", record)
     assert path.name == RECORD_NAME
     assert [p.name for p in path.parent.iterdir()] == [RECORD_NAME]  # no temporary file left behind
-    back = read_record(path)
-    assert back["metrics"]["ppl"] == float("inf") and math.isnan(back["metrics"]["x"])
+    back = _strict_json(path)
+    assert back["metrics"] == {"ppl": None, "x": None, "y": 2.0} and back["layers"] == [{"seconds": None}]
+    assert back["non_finite"] == ["metrics.ppl", "metrics.x", "layers.0.seconds"]
+    assert "non_finite" not in _strict_json(write_record(tmp_path / "fine", {"status": "ok", "metrics": {"y": 1.0}}))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_records_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = write_record(tmp_path / "job", {"status": "ok"})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_legacy_record_with_a_nan_metric_is_not_finished(tmp_path):
+    """Records written before NaN results failed said ok with a NaN metric; they must not make re-runs skip."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / RECORD_NAME).write_text('{"status": "ok", "config_hash": "h1", "finished_at": "t", '
+                                                '"metrics": {"ppl": NaN}}')
+    assert find_finished(tmp_path, "h1") is None
+    write_record(tmp_path / "new", _record("ok", "h1", "t2"))
+    assert find_finished([tmp_path / "elsewhere", tmp_path], "h1") == tmp_path / "new" / RECORD_NAME
 
 
 def test_write_record_failure_leaves_the_old_record(tmp_path):

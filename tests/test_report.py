@@ -169,3 +169,18 @@ def test_sizes_table_reads_the_packed_checkpoint_sizes(tmp_path, make_record):
     assert table.cell("fq_w2_r1.0:packed_gb", "llama2_13b").ours is None
     assert table.cell("fq_w2_r1.1:packed_gb", "llama2_7b").paper is None  # the paper's text lost these numbers
     assert "| FrameQuant (r = 1.1) | 2.2 | 2.31 / – |  |" in to_markdown(table)
+
+
+def test_a_full_precision_cell_far_from_the_paper_is_flagged(tmp_path, make_record):
+    """The paper's Llama-2-7B WikiText-2 FP is 5.68; the usual context-2048 figure is 5.47: 3.7% apart, within
+    tolerance. A tokenizer that changes the token count by 9% is flagged, with the reason under the table."""
+    write(tmp_path, "a", make_record("llama2_7b", ["variant=fp"], {"wikitext2_ppl": 5.47}))
+    write(tmp_path, "b", make_record("opt_125m", ["variant=fp"], {"wikitext2_ppl": 30.5}))
+    table = build(TABLES["table5"], finished_records(tmp_path))
+    assert not table.cell("fp", "llama2_7b").flagged
+    far = table.cell("fp", "opt_125m")  # 30.5 against the paper's 27.65: 10% away
+    assert far.flagged and far.paper.value == 27.65
+    markdown = to_markdown(table)
+    assert "30.50 / 27.65 (+2.85) ⚠" in markdown and "different tokenizer" in markdown
+    quantized_far = build(TABLES["table5"], finished_records(tmp_path)).cell("gptq_w2", "llama2_7b")
+    assert not quantized_far.flagged  # only full-precision rows measure the setup

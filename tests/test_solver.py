@@ -47,6 +47,22 @@ def test_reference_exact_grids_reproduce_the_reference_implementation(bits, laye
                            ours.dequantized)
 
 
+def test_reference_exact_mode_fits_the_row_grid_before_zeroing_dead_columns(layer_factory):
+    """The reference fits each row's grid on the weight as given, then zeroes the columns without input:
+    with a dead column holding every row's largest value, the scales differ, and we follow it exactly."""
+    W, H, _ = layer_factory(heavy_tailed=True)
+    W[:, 7] = W.abs().max(dim=1).values * 3  # the dead column sets every row's range
+    H[7, :] = 0
+    H[:, 7] = 0
+    ours = gptq_solve(W, H, GridSpec(3, scale_dtype="float32"), SolverOptions(blocksize=32))
+    reference = reference_gptq(W, H, 3, blocksize=32)
+    assert torch.equal(ours.dequantized, reference)
+    assert torch.all(ours.dequantized[:, 7] == 0)
+    default = gptq_solve(W, H, GridSpec(3), SolverOptions(blocksize=32))  # zeroes first: a tighter grid
+    assert (default.weight.scale.float() < ours.weight.scale).all()
+    assert proxy_error(W, default.dequantized, H) < proxy_error(W, ours.dequantized, H)
+
+
 def test_codes_and_grid_reconstruct_the_dequantized_weight(layer_factory):
     W, H, _ = layer_factory()
     result = gptq_solve(W, H, GridSpec(4), SolverOptions(groupsize=32, act_order=True))
@@ -119,3 +135,36 @@ def test_hessian_singular_after_damping_raises():
 def test_bad_solver_options(kwargs):
     with pytest.raises(ValueError):
         SolverOptions(**kwargs)
+
+
+def test_reference_exact_gptq_on_a_model_equals_the_reference_layer_by_layer():
+    """A small Llama quantized by the engine (true-sequential, float32 scales): every matrix equals what the
+    straightforward reference computes from the same weight and Hessian."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fqbench.engine import quantize_model
+    from fqbench.methods import LayerMethod, build_method
+    from fqbench.models.hf import LLAMA
+
+    class Recording(LayerMethod):
+        name = "recording_gptq"
+        Config = type(build_method("gptq").config)
+
+        def __init__(self):
+            super().__init__(build_method("gptq", bits=3, scale_dtype="float32").config)
+            self.inner, self.calls = build_method("gptq", bits=3, scale_dtype="float32"), []
+
+        def quantize(self, W, H, *, seed=None):
+            layer = self.inner.quantize(W, H, seed=seed)
+            self.calls.append((W.clone(), H.clone(), layer.weight()))
+            return layer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    samples = [torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    method = Recording()
+    quantize_model(model, LLAMA, samples, method, device="cpu", progress=False)
+    assert len(method.calls) == 14
+    for W, H, W_hat in method.calls:
+        assert torch.equal(W_hat, reference_gptq(W, H, 3))

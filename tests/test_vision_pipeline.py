@@ -10,7 +10,7 @@ import pytest
 
 from fqbench.app import run_job
 from fqbench.methods import build_method
-from vision_helpers import compose_config
+from vision_helpers import SWIN_UNITS, compose_config, small_swin_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ["model=vit_t", "model.pretrained=false", "method=framequant", "bits=2", "redundancy=1.1",
@@ -92,19 +92,55 @@ def test_ablation_overrides_compose_into_the_intended_method(label):
 
 def test_swin_through_the_pipeline_on_real_images(data_root, tmp_path):
     """Patch merging and shifted windows through the engine: every unit's linears, in order."""
-    cfg = compose_config("model=swin_t", "model.pretrained=false", "+model.kwargs.depths=[2,1,1,1]",
-                         "+model.kwargs.img_size=64", "+model.pretrained_cfg.input_size=[3,64,64]",
-                         "method=rtn", "bits=4", "calib.nsamples=4", "eval.max_images=8",
-                         f"data.root={data_root}", f"runs_root={tmp_path / 'runs'}", "device=cpu",
-                         "engine.progress=false", "eval.workers=0")
-    record = run_job(cfg, tmp_path / "run")
+    record = run_job(small_swin_job(data_root, tmp_path, "method=rtn", "bits=4"), tmp_path / "run")
     assert record["status"] == "ok" and record["eval_images"] == 8
-    names = [layer["name"] for layer in record["layers"]]
-    blocks = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    expected = [f"layers.0.blocks.{j}.{n}" for j in range(2) for n in blocks]
-    for stage in (1, 2, 3):
-        expected += [f"layers.{stage}.downsample.reduction"] + [f"layers.{stage}.blocks.0.{n}" for n in blocks]
-    assert names == expected
+    assert [layer["name"] for layer in record["layers"]] == SWIN_UNITS
     reduction = record["layers"][8]
     assert list(reduction["shape"]) == [192, 384] and reduction["bits_per_weight"] > 4
     assert tuple(record["data_config"]["input_size"]) == (3, 64, 64)
+
+
+def _timm_run(data_root, tmp_path, name, *overrides):
+    cfg = compose_config("model=timm", f"model.name={name}", "model.pretrained=false", *overrides, "method=gptq",
+                         "bits=4", "calib.nsamples=4", "calib.batch_size=4", "eval.max_images=8",
+                         f"data.root={data_root}", f"runs_root={tmp_path / 'runs'}", "device=cpu",
+                         "engine.progress=false", "eval.workers=0", "threads=1")
+    assert cfg.model.family == "auto"  # no family named: the adapter is read off the model
+    return run_job(cfg, tmp_path / "run")
+
+
+SWINV2_SMALL = ("+model.kwargs.depths=[2,1,1,1]", "+model.kwargs.embed_dim=48", "+model.kwargs.num_heads=[2,2,2,2]")
+EVA_SMALL = ("+model.kwargs.depth=2",)
+
+
+@pytest.mark.parametrize("overrides", [SWINV2_SMALL, pytest.param((), marks=pytest.mark.slow)], ids=["small", "full"])
+def test_swin_v2_through_the_pipeline_with_its_linears_discovered(data_root, tmp_path, overrides):
+    """Swin V2 adds its q/v biases through F.linear(x, self.qkv.weight, ...) and has a position-bias MLP on
+    fixed coordinates: qkv is captured through its weight, the position-bias MLP is not quantized."""
+    import timm
+    from torch import nn
+
+    record = _timm_run(data_root, tmp_path, "swinv2_tiny_window8_256", *overrides)
+    assert record["status"] == "ok" and record["adapter"] == "auto:SwinTransformerV2"
+    kwargs = dict(arg.split("=", 1) for arg in (o.removeprefix("+model.kwargs.") for o in overrides))
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False,
+                              **{k: json.loads(v) for k, v in kwargs.items()})
+    expected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "cpb_mlp" not in n
+                and not n.startswith("head")]
+    assert [layer["name"] for layer in record["layers"]] == expected  # one record per quantized linear, in order
+    assert any(n.endswith("downsample.reduction") for n in expected)
+
+
+@pytest.mark.parametrize("overrides", [EVA_SMALL, pytest.param((), marks=pytest.mark.slow)], ids=["small", "full"])
+def test_eva02_through_the_pipeline_with_its_linears_discovered(data_root, tmp_path, overrides):
+    """EVA-02: rotary embeddings as a block keyword argument, SwiGLU MLP, qkv through F.linear."""
+    import timm
+    from torch import nn
+
+    record = _timm_run(data_root, tmp_path, "eva02_tiny_patch14_224", *overrides)
+    assert record["status"] == "ok" and record["adapter"] == "auto:Eva"
+    depth = 2 if overrides else 12
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=depth)
+    expected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    assert [layer["name"] for layer in record["layers"]] == expected
+    assert all(layer["proxy_error"] > 0 for layer in record["layers"])

@@ -1,400 +1,387 @@
-"""Inference with packed weights (paper Table 7): tokens/s and memory of a Llama-shaped model.
+"""Inference with quantized weights (paper Table 7): tokens/s and memory of a Llama-shaped model, served
+the way people serve models.
 
-    python -m fqbench.bench inference [--hidden 2048 --intermediate 5504 --layers 4 --vocab 32000]
-                                      [--bits 2] [--decode-tokens 16] [--prefill 1x128] [--rounds 3]
+    python -m fqbench.bench inference --shape 7b --device cuda          # Llama-2-7B shape, random weights
+    python -m fqbench.bench inference --shape 13b --device cuda
+    python -m fqbench.bench inference [--hidden 2048 --intermediate 5504 --layers 4]   # any shape, e.g. on a CPU
 
-One randomly initialized Llama-shaped model, run in one process as: dense FP32,
-dense FP16, packed GPTQ, and packed FrameQuant at r = 1.0 and r = 1.1 (both sides
-redundant). Packed variants replace every linear of the blocks by a
-``QuantLinear`` whose weight keeps its codes packed (``fqbench.quantized``); embeddings, norms
-and the LM head stay as in the FP32 model and are shared, not copied.
+One randomly initialized Llama-shaped model, run in one process as: dense (FP16 on a GPU, FP32 and FP16 on
+a CPU), GPTQ at 2 (and 3) bits, and FrameQuant at r = 1.0 and r = 1.1 (both sides redundant). Quantized
+variants replace every linear of the blocks by a ``QuantLinear`` whose weight is in the ``kernel`` layout
+on a GPU (gemlite's Triton GEMV/GEMM, 3-bit codes from 4-bit containers, frame transforms as
+Kronecker-factored matmuls; ``--transforms triton`` fuses them) and in the ``packed`` layout on a CPU
+(table-lookup kernels); embeddings, norms and the LM head are the dense model's, shared.
 
-Measured per variant, in interleaved rounds (medians): batch-1 decode tokens/s
-(after a 16-token prompt, with the KV cache) and prefill tokens/s for a batch of
-prompts; the weight memory of the quantized linears (every tensor the variant
-keeps alive: packed buffers, biases, regenerated rotation and frame parameters),
-against what their honest bits per weight predict; and the peak memory of a decode
-step and of a prefill (weights + the largest transient allocation, from the torch
-profiler on the CPU, ``max_memory_allocated`` on a GPU). Ratios are against packed
-GPTQ and dense FP16 from the same run.
+Decode: a static KV cache and, on CUDA, each decode step replayed as one CUDA graph, for every variant
+dense included (``fqbench.bench.decode``), batch 1 and 16, after a 16-token prompt. Prefill: one 1 x
+``--prefill`` sequence. Memory: what building a variant's linears allocated (every tensor they keep alive,
+shared transform tables and kernel workspaces included), against what their honest bits predict, and the
+resident bytes of their own tensors; peak memory of the decode runs. Ratios are against the dense FP16
+model from the same process. The codes are round-to-nearest on each method's grid: speed and size depend
+on the format, not on how the codes were chosen.
 
-The codes are round-to-nearest on each method's grid (GPTQ's min-max grid in weight
-space; FrameQuant's 2-sigma grid in frame space): speed and size depend on the
-format, not on how the codes were chosen. ``--quantizer solver`` runs the real
-methods (with an identity Hessian) instead, much slower.
+``--records DIR`` writes one run record per variant (``DIR/<shape>/<variant>/result.json``) that
+``python -m fqbench.report DIR --table table7`` lays out as paper Table 7.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
-import statistics
-import tempfile
+import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import fqbench.methods  # noqa: F401  (registers the methods)
+from fqbench.bench.decode import SHAPES, build_llama, time_decode, time_prefill
 from fqbench.frames.operator import FrameOperator
-from fqbench.methods import build_method
-from fqbench.kernels.lut import plane_tables
-from fqbench.packing import checkpoint_sizes, save_quantized
 from fqbench.quant.grids import GridSpec, clip_rows
-from fqbench.quant.quantizer import GridQuantizer, round_to_nearest
 from fqbench.quantized import GridWeight, QuantLinear, TransformedWeight
 from fqbench.seeding import derive_seed
 
+log = logging.getLogger("fqbench")
+
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-PROMPT_TOKENS = 16
+# The report's variant (conf/variant) of each benchmark variant, and Table 7's models of each shape.
+VARIANTS = {"dense FP16": "fp", "GPTQ 2-bit": "gptq_w2", "GPTQ 3-bit": "gptq_w3", "FrameQuant r=1": "fq_w2_r1.0",
+            "FrameQuant r=1.1": "fq_w2_r1.1"}
+SHAPE_MODELS = {"7b": "llama2_7b", "13b": "llama2_13b"}
+TABLE7_AXES = {"model": list(SHAPE_MODELS.values()), "variant": list(VARIANTS.values())}  # the report's Table 7
 
 
 @dataclass
 class Variant:
     name: str
     model: nn.Module
-    bits_per_weight: float = float("nan")  # honest, over the quantized linears
-    weight_bytes: int = 0  # memory the variant's quantized (or dense) linears keep alive
-    other_bytes: int = 0  # embeddings, norms, LM head
-    predicted_bytes: float = float("nan")  # bits_per_weight x weights / 8
-    decode: list = field(default_factory=list)  # seconds per decode run
-    prefill: list = field(default_factory=list)
-    peak_decode_bytes: int = 0
-    peak_prefill_bytes: int = 0
-    sizes: dict = field(default_factory=dict)  # fqbench.packing.checkpoint_sizes of the saved variant
+    bits_per_weight: float  # honest, over the block linears
+    allocated_bytes: int = 0  # what building the linears allocated (device memory on a GPU)
+    resident_bytes: int = 0  # the linears' own tensors
+    honest_bytes: float = 0.0  # bits_per_weight x weights / 8
+    layout: str = "dense"
+    timings: dict = field(default_factory=dict)
 
 
-# --- building the variants ----------------------------------------------------------------
-
-
-def llama_model(args) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=4096)
-    torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config).eval()
+# --- building the variants ----------------------------------------------------------------------------
 
 
 def rtn_grid(W: torch.Tensor, spec: GridSpec) -> GridWeight:
-    """Round-to-nearest on ``spec`` (one grid per row): the packed format of a GPTQ/FrameQuant layer."""
-    return round_to_nearest(W.float(), GridQuantizer(spec))
+    """Round-to-nearest on ``spec`` with one grid per row, vectorized: the stored format of a GPTQ or
+    FrameQuant layer (speed and size depend on the format, not on how the codes were chosen)."""
+    grid = spec.fit(W)
+    codes = grid.encode(W.float())
+    return GridWeight.fit(codes, grid.scale[:, None], grid.zero[:, None], torch.zeros(W.shape[1], dtype=torch.long,
+                                                                                      device=W.device),
+                          bits=spec.bits, integer_zero=spec.integer_zero, shared_scale=spec.shared_scale)
 
 
-def quantized_layer(W: torch.Tensor, method: str, bits: int, redundancy: float, seed: int, quantizer: str):
-    if quantizer == "solver":
-        options = {"bits": bits} if method == "gptq" else {"bits": bits, "redundancy": redundancy, "seed": seed}
-        H = torch.eye(W.shape[1], dtype=torch.float64)
-        return build_method(method, **options).quantize(W, H)
+def quantized_layer(W: torch.Tensor, method: str, bits: int, redundancy: float, seed: int):
+    W = W.float()
     if method == "gptq":
-        layer = rtn_grid(W, GridSpec(bits, "minmax"))
-    else:
-        in_op = FrameOperator(W.shape[1], redundancy, 8, "auto", derive_seed(seed, "in"))
-        out_op = FrameOperator(W.shape[0], redundancy, 8, "auto", derive_seed(seed, "out"))
-        D = out_op.analysis(in_op.analysis(W.float()).T).T
-        layer = TransformedWeight(rtn_grid(clip_rows(D, 2.0), GridSpec(bits, "sigma", clip_sigma=2.0)), in_op, out_op)
-    layer.method = method
-    layer.nominal_bits = bits * (redundancy if method == "framequant" else 1)
-    return layer
+        return rtn_grid(W, GridSpec(bits, "minmax"))
+    in_op = FrameOperator(W.shape[1], redundancy, 8, "auto", derive_seed(seed, "in"))
+    out_op = FrameOperator(W.shape[0], redundancy, 8, "auto", derive_seed(seed, "out"))
+    D = out_op.analysis(in_op.analysis(W).T).T
+    return TransformedWeight(rtn_grid(clip_rows(D, 2.0), GridSpec(bits, "sigma", clip_sigma=2.0)), in_op, out_op)
 
 
-def live_tensor_bytes() -> int:
-    """Bytes of every distinct tensor storage alive in this process (CPU), found through the GC."""
+def allocated(device: torch.device) -> int:
     gc.collect()
-    seen, total = set(), 0
-    with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
-        warnings.simplefilter("ignore")
-        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for obj in objects:
-        if not obj.is_meta and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen and storage.nbytes():
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
 
 
-def memory_in_use(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else live_tensor_bytes()
-
-
-def packed_variant(base: nn.Module, name: str, method: str, args, redundancy: float, device) -> Variant:
-    """A copy of ``base`` sharing everything but the blocks' linears, which become packed modules."""
-    before = memory_in_use(device)
-    layers = {}
-    for i, block in enumerate(base.model.layers):
+def quantized_variant(base: nn.Module, name: str, method: str, bits: int, redundancy: float, args,
+                      device: torch.device, dtype: torch.dtype) -> Variant:
+    """A copy of ``base`` sharing every tensor but the blocks' linears, which become ``QuantLinear``s."""
+    layout = "kernel" if device.type == "cuda" else "packed"
+    model = _shell(base)
+    before = allocated(device)
+    weights = stored_bits = resident = 0
+    for i, block in enumerate(model.model.layers):
         for linear_name in LINEARS:
-            full_name = f"model.layers.{i}.{linear_name}"
-            layers[full_name] = quantized_layer(block.get_submodule(linear_name).weight.data, method, args.bits,
-                                                redundancy, derive_seed(args.seed, full_name), args.quantizer)
-    sizes = saved_sizes(base, layers, method) if args.sizes else {}
-    model = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
-    weights = sum(layer.out_features * layer.in_features for layer in layers.values())
-    honest_bits = sum(layer.bits_per_weight * layer.out_features * layer.in_features for layer in layers.values())
-    _replace_with_packed(model, layers, device)
-    del layers  # the unpacked codes: only the packed modules stay
-    model.to(device)
-    _warm_up(model, device)  # regenerated transforms are cast to the device on first use
-    variant = Variant(name, model, honest_bits / weights, sizes=sizes)
-    variant.weight_bytes = memory_in_use(device) - before
-    variant.predicted_bytes = honest_bits / 8
+            owner_name, _, attr = linear_name.rpartition(".")
+            owner = block.get_submodule(owner_name)
+            linear = getattr(owner, attr)
+            layer = quantized_layer(linear.weight.data, method, bits, redundancy,
+                                    derive_seed(args.seed, f"model.layers.{i}.{linear_name}"))
+            stored_bits += layer.stored_bits
+            weights += linear.weight.numel()
+            if layout == "kernel":
+                packed = layer.with_layout("kernel", device=device, dtype=dtype, **_transform_options(layer, args))
+            else:
+                packed = layer.with_layout("packed").to(device)
+            del layer
+            module = QuantLinear(packed, linear.bias)
+            setattr(owner, attr, module)
+            resident += _own_bytes(module)
+    variant = Variant(name, model, stored_bits / weights, layout=layout)
+    variant.allocated_bytes = allocated(device) - before
+    variant.resident_bytes = resident
+    variant.honest_bytes = stored_bits / 8
     return variant
 
 
-def _replace_with_packed(model: nn.Module, layers: dict, device) -> None:
-    for full_name, layer in layers.items():
-        owner, _, attr = full_name.rpartition(".")
-        packed = QuantLinear(layer.with_layout("packed"), model.get_submodule(full_name).bias)
-        setattr(model.get_submodule(owner), attr, packed.to(device))
+def _transform_options(layer, args) -> dict:
+    return {"transforms": args.transforms} if isinstance(layer, TransformedWeight) else {}
 
 
-def saved_sizes(base: nn.Module, layers: dict, method: str) -> dict:
-    """Paper Table 6: the fake-quantized model saved packed (a temporary directory), with what stays in full
-    precision (embeddings, norms, LM head) in FP16 as a deployed model would; sizes read from the files."""
-    fake = copy.deepcopy(base).half()
-    with torch.no_grad():
-        for name, layer in layers.items():
-            linear = fake.get_submodule(name)
-            linear.weight.data = layer.weight().to(linear.weight.dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_quantized(fake, layers, Path(tmp) / "packed", method=method)
-        return checkpoint_sizes(Path(tmp) / "packed")
+def _shell(base: nn.Module) -> nn.Module:
+    """A structural copy of ``base`` whose tensors are ``base``'s own (nothing is copied or moved)."""
+    import copy
+
+    return copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
 
 
-def dense_variant(base: nn.Module, name: str, dtype: torch.dtype, device) -> Variant:
-    model = base if (dtype == torch.float32 and device.type == "cpu") else copy.deepcopy(base).to(device, dtype)
+def _own_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages of a module's own tensors (codes, scales, zero points, kernel copies;
+    transform tables are shared between layers and counted in the allocated figure only)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.buffers(), *module.parameters()]}
+    return sum(storages.values())
+
+
+def dense_variant(base: nn.Module, dtype: torch.dtype, device: torch.device) -> Variant:
+    model = base if next(base.parameters()).dtype == dtype else _cast(base, dtype)
     linears = [block.get_submodule(n) for block in model.model.layers for n in LINEARS]
     bits = torch.finfo(dtype).bits
     weights = sum(linear.weight.numel() for linear in linears)
-    variant = Variant(name, model, bits, predicted_bytes=weights * bits / 8)
-    variant.weight_bytes = sum(p.numel() * p.element_size() for linear in linears for p in linear.parameters())
+    variant = Variant(f"dense {_dtype_label(dtype)}", model, bits)
+    variant.honest_bytes = weights * bits / 8
+    variant.resident_bytes = variant.allocated_bytes = sum(l.weight.numel() * l.weight.element_size() for l in linears)
     return variant
 
 
-def other_bytes(model: nn.Module) -> int:
-    """Bytes of the model's tensors outside the blocks' linears (embeddings, norms, LM head), each once."""
-    inside = {id(t) for block in model.model.layers for n in LINEARS
-              for t in [*block.get_submodule(n).parameters(), *block.get_submodule(n).buffers()]}
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in inside and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+def _cast(base: nn.Module, dtype: torch.dtype) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(base).to(dtype)
 
 
-def _warm_up(model, device):
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
-        model(input_ids=torch.zeros(1, 2 * PROMPT_TOKENS, dtype=torch.long, device=device))
+def _dtype_label(dtype: torch.dtype) -> str:
+    return {torch.float16: "FP16", torch.bfloat16: "BF16", torch.float32: "FP32"}[dtype]
 
 
-# --- measuring ---------------------------------------------------------------------------
+def base_model(args, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    if args.shape:
+        return build_llama(args.shape, dtype=dtype, device=device, layers=args.layers, seed=args.seed,
+                           vocab=args.vocab)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers or 4, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, max_position_embeddings=4096)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(args.seed)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# --- measuring -----------------------------------------------------------------------------------------
 
 
-def time_decode(model, tokens: int, device, vocab: int) -> float:
-    """Seconds for ``tokens`` batch-1 decode steps after a prompt, with the KV cache."""
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=g).to(device)
-    with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        return time.perf_counter() - start
+def measure(variant: Variant, args) -> None:
+    graphs = "auto" if args.graphs else False
+    for batch in args.decode_batches:
+        variant.timings[f"decode_b{batch}"] = time_decode(variant.model, batch=batch, new_tokens=args.decode_tokens,
+                                                          rounds=args.rounds, graphs=graphs)
+    variant.timings["prefill"] = time_prefill(variant.model, batch=1, length=args.prefill, rounds=args.rounds)
 
 
-def time_prefill(model, batch: int, length: int, device, vocab: int) -> float:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, length), generator=g).to(device)
-    with torch.no_grad():
-        _sync(device)
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        _sync(device)
-        return time.perf_counter() - start
-
-
-def peak_transient_bytes(fn, device) -> int:
-    """The largest amount of memory allocated at once while ``fn`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
-    return max([0, *totals])
-
-
-# --- report ------------------------------------------------------------------------------
-
-
-def summarize(variants: list[Variant], args) -> list[dict]:
-    decode_tokens = args.decode_tokens
-    batch, length = args.prefill_batch, args.prefill_length
+def summarize(variants: list[Variant]) -> list[dict]:
     rows = []
     for v in variants:
-        rows.append({
-            "variant": v.name,
-            "bits_per_weight": v.bits_per_weight,
-            "decode_tokens_per_s": decode_tokens / statistics.median(v.decode),
-            "prefill_tokens_per_s": batch * length / statistics.median(v.prefill),
-            "weight_mib": v.weight_bytes / 2**20,
-            "predicted_weight_mib": v.predicted_bytes / 2**20,
-            "weight_memory_vs_bits": v.weight_bytes / v.predicted_bytes,
-            "peak_decode_mib": v.peak_decode_bytes / 2**20,
-            "peak_prefill_mib": v.peak_prefill_bytes / 2**20,
-            **({"checkpoint_mib": v.sizes["bytes"] / 2**20, "fp16_checkpoint_mib": v.sizes["fp16_bytes"] / 2**20,
-                "file_bits_per_weight": v.sizes["bits_per_weight"]} if v.sizes else {}),
-        })
-    reference = {r["variant"]: r for r in rows}
-    gptq, fp16 = reference.get("packed GPTQ"), reference.get("dense FP16")
+        row = {"variant": v.name, "layout": v.layout, "bits_per_weight": v.bits_per_weight,
+               "weight_mib": v.allocated_bytes / 2**20, "resident_mib": v.resident_bytes / 2**20,
+               "honest_mib": v.honest_bytes / 2**20,
+               "allocated_vs_honest_bits": v.allocated_bytes / v.honest_bytes if v.allocated_bytes else float("nan"),
+               "resident_vs_honest_bits": v.resident_bytes / v.honest_bytes}
+        for key, timing in v.timings.items():
+            row[f"{key}_tokens_per_s"] = timing.tokens_per_s
+            row[f"{key}_graphs"] = timing.graphs
+            row[f"{key}_peak_mib"] = None if timing.peak_bytes is None else timing.peak_bytes / 2**20
+            if timing.note:
+                row[f"{key}_note"] = timing.note
+        rows.append(row)
+    reference = next((r for r in rows if r["variant"] in ("dense FP16", "dense BF16")), None)
     for r in rows:
-        for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
-            r[f"{key.split('_')[0]}_vs_gptq"] = r[key] / gptq[key] if gptq else float("nan")
-            r[f"{key.split('_')[0]}_vs_fp16"] = r[key] / fp16[key] if fp16 else float("nan")
+        for key in [k for k in r if k.endswith("_tokens_per_s")]:
+            r[key.replace("_tokens_per_s", "_vs_fp16")] = r[key] / reference[key] if reference else float("nan")
     return rows
 
 
-def format_table(rows) -> str:
-    lines = [
-        "| variant | bits/weight | decode tok/s | vs GPTQ | vs FP16 | prefill tok/s | vs GPTQ | vs FP16 "
-        "| linear weights MiB | predicted MiB | ratio | peak decode MiB | peak prefill MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def format_table(rows: list[dict]) -> str:
+    keys = [k.removesuffix("_tokens_per_s") for k in rows[0] if k.endswith("_tokens_per_s")]
+    header = ["variant", "bits/weight", *(f"{k} tok/s (x FP16)" for k in keys), "weight MiB", "honest MiB",
+              "allocated / honest", "resident / honest"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['bits_per_weight']:.3f} | {r['decode_tokens_per_s']:.2f} | {r['decode_vs_gptq']:.2f} "
-            f"| {r['decode_vs_fp16']:.2f} | {r['prefill_tokens_per_s']:.1f} | {r['prefill_vs_gptq']:.2f} "
-            f"| {r['prefill_vs_fp16']:.2f} | {r['weight_mib']:.1f} | {r['predicted_weight_mib']:.1f} "
-            f"| {r['weight_memory_vs_bits']:.3f} | {r['peak_decode_mib']:.1f} | {r['peak_prefill_mib']:.1f} |"
-        )
+        cells = [r["variant"], f"{r['bits_per_weight']:.3f}"]
+        cells += [f"{r[k + '_tokens_per_s']:.1f} ({r[k + '_vs_fp16']:.2f}x)" + ("" if r.get(k + "_graphs", True)
+                                                                             or k == "prefill" else " eager")
+                  for k in keys]
+        cells += [f"{r['weight_mib']:.1f}", f"{r['honest_mib']:.1f}", f"{r['allocated_vs_honest_bits']:.3f}",
+                  f"{r['resident_vs_honest_bits']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_sizes(rows) -> str:
-    lines = ["| variant | checkpoint MiB (rest in FP16) | FP16 original MiB | FP16 / checkpoint "
-             "| bits/weight from the files | bits/weight (accounting) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "checkpoint_mib" in r:
-            lines.append(f"| {r['variant']} | {r['checkpoint_mib']:.1f} | {r['fp16_checkpoint_mib']:.1f} "
-                         f"| {r['fp16_checkpoint_mib'] / r['checkpoint_mib']:.2f} | {r['file_bits_per_weight']:.4f} "
-                         f"| {r['bits_per_weight']:.4f} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
-
-
-def check_targets(rows) -> list[str]:
-    """The issue's targets: FrameQuant decode >= 0.7x packed GPTQ; packed weight memory within 10% of the bits."""
+def check_targets(rows: list[dict]) -> list[str]:
+    """The issue's targets (ratios to dense FP16 in the same process)."""
+    targets = {"GPTQ 2-bit": 1.5, "FrameQuant r=1": 1.2, "FrameQuant r=1.1": 1.0}
     lines = []
     for r in rows:
-        if r["variant"].startswith("packed FrameQuant"):
-            ok = r["decode_vs_gptq"] >= 0.7
-            lines.append(f"{r['variant']}: decode {r['decode_vs_gptq']:.2f}x packed GPTQ (target >= 0.7): "
+        if r["variant"] in targets and "decode_b1_vs_fp16" in r:
+            ok = r["decode_b1_vs_fp16"] >= targets[r["variant"]]
+            lines.append(f"{r['variant']}: batch-1 decode {r['decode_b1_vs_fp16']:.2f}x FP16 (target >= "
+                         f"{targets[r['variant']]}): {'met' if ok else 'NOT met'}")
+        if r["layout"] != "dense" and "prefill_vs_fp16" in r:
+            ok = r["prefill_vs_fp16"] >= 0.8
+            lines.append(f"{r['variant']}: prefill {r['prefill_vs_fp16']:.2f}x FP16 (target >= 0.8): "
                          f"{'met' if ok else 'NOT met'}")
-        if r["variant"].startswith("packed"):
-            ok = abs(r["weight_memory_vs_bits"] - 1) <= 0.10
-            lines.append(f"{r['variant']}: weight memory {r['weight_memory_vs_bits']:.3f}x its honest bits "
-                         f"(target within 10%): {'met' if ok else 'NOT met'}")
+        if r["layout"] == "kernel":
+            ok = abs(r["allocated_vs_honest_bits"] - 1) <= 0.10
+            lines.append(f"{r['variant']}: weight memory {r['allocated_vs_honest_bits']:.3f}x its honest bits "
+                         f"(target within 10%; 3-bit runs from 4-bit containers): {'met' if ok else 'NOT met'}")
     return lines
+
+
+def write_records(rows: list[dict], args, device: torch.device, directory: Path) -> list[Path]:
+    """One run record per variant, for the report's Table 7 (``fqbench.report``)."""
+    from fqbench.config import compose
+    from fqbench.records import versions, write_record
+    from omegaconf import OmegaConf
+
+    model = SHAPE_MODELS.get(args.shape, f"llama_{args.shape or 'custom'}")
+    paths = []
+    for row in rows:
+        variant = VARIANTS.get(row["variant"])
+        if variant is None:
+            continue
+        config = OmegaConf.to_container(compose([f"variant={variant}", f"model={model}"] if model in
+                                                SHAPE_MODELS.values() else [f"variant={variant}"]), resolve=True)
+        record = {"status": "ok", "method": config["method"].get("_target_", "").rsplit(".", 1)[-1],
+                  "choices": {"model": model, "variant": variant}, "config": config,
+                  "config_hash": f"inference-{args.shape}-{variant}", "bench": "inference",
+                  "metrics": {k: v for k, v in row.items() if k.endswith(("_tokens_per_s", "_vs_fp16"))},
+                  "bits_per_weight": row["bits_per_weight"], "inference": row, "versions": versions(),
+                  "bench_args": {"shape": args.shape, "layers": args.layers, "decode_tokens": args.decode_tokens,
+                                 "prefill": args.prefill, "transforms": args.transforms, "graphs": args.graphs},
+                  "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        paths.append(write_record(directory / (args.shape or "custom") / variant, record))
+    return paths
+
+
+# --- the command --------------------------------------------------------------------------------------
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m fqbench.bench inference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="a Llama-2 shape (7b: 32 blocks of 4096/11008, 32 heads; 13b: 40 of 5120/13824, 40 heads)")
+    parser.add_argument("--layers", type=int, default=None, help="blocks (default: the shape's, or 4)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5504)
-    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--bits", default="2", help="GPTQ bit widths, comma-separated (FrameQuant runs at the first)")
     parser.add_argument("--redundancies", default="1.0,1.1", help="FrameQuant redundancies (both sides)")
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--prefill", default="1x128", help="BATCHxLENGTH of the prefill measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (medians reported)")
-    parser.add_argument("--quantizer", choices=("rtn", "solver"), default="rtn")
-    parser.add_argument("--no-sizes", dest="sizes", action="store_false",
-                        help="skip saving each packed variant to measure its checkpoint (paper Table 6)")
-    parser.add_argument("--variants", default="fp32,fp16,gptq,framequant",
-                        help="comma-separated subset of fp32, fp16, bf16, gptq, framequant")
+    parser.add_argument("--variants", default="dense,gptq,framequant",
+                        help="comma-separated subset of dense, fp32 (CPU), gptq, framequant")
+    parser.add_argument("--decode-batches", default="1,16")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=2048, help="prompt length of the 1 x N prefill")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per measurement (medians reported)")
+    parser.add_argument("--transforms", choices=("fast", "triton"), default="fast",
+                        help="FrameQuant's transforms on a GPU: Kronecker-factored matmuls, or one fused Triton kernel")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="decode eagerly on a GPU too")
+    parser.add_argument("--gemlite-autotune", choices=("fast", "default", "max"), default="fast",
+                        help="gemlite's tuning of its batch-1 GEMV kernels (split-K and GEMM keep default configs); "
+                             "FQBENCH_GEMLITE_CONFIG=FILE loads configs tuned earlier")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 avoids OpenMP spinning on a shared, busy CPU")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--records", type=Path, help="also write one run record per variant under this folder")
     args = parser.parse_args(argv)
-    args.prefill_batch, args.prefill_length = (int(v) for v in args.prefill.lower().split("x"))
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.bits = [int(b) for b in args.bits.split(",")]
     return args
 
 
-def build_variants(args, device) -> list[Variant]:
-    base = llama_model(args)
+def build_variants(args, device: torch.device) -> list[Variant]:
+    start = time.perf_counter()
     wanted = args.variants.split(",")
+    dtype = torch.float16
+    base = base_model(args, device, dtype if device.type == "cuda" else torch.float32)
     variants = []
-    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        if name in wanted:
-            variants.append(dense_variant(base, f"dense {name.upper()}", dtype, device))
+    if "fp32" in wanted and device.type == "cpu":
+        variants.append(dense_variant(base, torch.float32, device))
+    if "dense" in wanted:
+        variants.append(dense_variant(base, torch.float16, device))
+    if device.type == "cuda":  # cuBLAS workspaces, before any variant's memory is measured
+        for work in (torch.float16, torch.float32):
+            torch.ones(64, 64, device=device, dtype=work) @ torch.ones(64, 64, device=device, dtype=work)
     if "gptq" in wanted:
-        variants.append(packed_variant(base, "packed GPTQ", "gptq", args, 1.0, device))
+        for bits in args.bits:
+            variants.append(quantized_variant(base, f"GPTQ {bits}-bit", "gptq", bits, 1.0, args, device, dtype))
+            print(f"  built {variants[-1].name} ({time.perf_counter() - start:.0f} s)", flush=True)
     if "framequant" in wanted:
         for r in (float(v) for v in args.redundancies.split(",")):
-            variants.append(packed_variant(base, f"packed FrameQuant r={r:g}", "framequant", args, r, device))
+            variants.append(quantized_variant(base, f"FrameQuant r={r:g}", "framequant", args.bits[0], r, args,
+                                              device, dtype))
+            print(f"  built {variants[-1].name} ({time.perf_counter() - start:.0f} s)", flush=True)
     return variants
 
 
-def main(argv=None):
+def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    plane_tables(device, torch.float32)  # the kernels' constant tables, before any variant's memory is measured
+    if device.type == "cuda":
+        from fqbench.kernels.gemlite_backend import BackendUnavailable, set_autotune
+
+        try:
+            set_autotune(args.gemlite_autotune)
+        except BackendUnavailable as error:
+            log.warning("gemlite unavailable (%s): quantized variants use the PyTorch kernel", error)
     start = time.perf_counter()
     variants = build_variants(args, device)
     print(f"built {len(variants)} variants in {time.perf_counter() - start:.0f}s", flush=True)
-    for v in variants:
-        v.other_bytes = other_bytes(v.model)
-        held = v.weight_bytes + v.other_bytes
-        v.peak_decode_bytes = held + peak_transient_bytes(
-            lambda: time_decode(v.model, 2, device, args.vocab), device)
-        v.peak_prefill_bytes = held + peak_transient_bytes(
-            lambda: time_prefill(v.model, args.prefill_batch, args.prefill_length, device, args.vocab), device)
-    for _ in range(args.rounds):
-        for v in variants:
-            v.decode.append(time_decode(v.model, args.decode_tokens, device, args.vocab))
-            v.prefill.append(time_prefill(v.model, args.prefill_batch, args.prefill_length, device, args.vocab))
-    rows = summarize(variants, args)
+    for variant in variants:
+        measure(variant, args)
+        print(f"measured {variant.name}", flush=True)
+    rows = summarize(variants)
     print(format_table(rows))
-    print(format_sizes(rows))
     for line in check_targets(rows):
         print(line)
-    print(f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, model: hidden "
-          f"{args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {args.vocab}, "
-          f"{args.bits}-bit codes ({args.quantizer}); decode {args.decode_tokens} tokens after a "
-          f"{PROMPT_TOKENS}-token prompt; prefill {args.prefill}; {args.rounds} rounds")
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"\ndevice: {device}{gpu}, torch {torch.__version__}, shape {args.shape or 'custom'}, "
+          f"decode {args.decode_tokens} tokens x batches {args.decode_batches} (static cache"
+          f"{', CUDA graphs' if args.graphs and device.type == 'cuda' else ''}), prefill 1x{args.prefill}, "
+          f"{args.rounds} rounds")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        Path(args.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                              indent=1))
+    if args.records:
+        for path in write_records(rows, args, device, args.records):
+            print(f"wrote {path}")
     return rows
+
+
+if __name__ == "__main__":
+    main()

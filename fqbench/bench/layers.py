@@ -1,7 +1,8 @@
 """Layer-level benchmark: proxy error on held-out activations and time, as ratios to GPTQ.
 
     python -m fqbench.bench layers --shapes 768x768,3072x768,4096x4096 --bits 2
-    python -m fqbench.bench layers --model DIR --bits 3 [--methods gptq framequant:clip_sigma=auto ...]
+    python -m fqbench.bench layers --model DIR --bits 2     # every linear of a pretrained causal LM
+    python -m fqbench.bench layers --model DIR --bits 4 --methods gptq framequant:clip_sigma=auto
 
 Every method quantizes the same synthetic LLM-like layer (heavy-tailed weights,
 correlated activations with a few outlier channels) in one process; the table
@@ -9,12 +10,12 @@ reports each method's held-out relative output error and seconds, and both as
 ratios to our GPTQ on the same layer. ``gptq_reference`` is a straightforward
 implementation of the published algorithm, timed for comparison.
 
-With ``--model`` the layers are every linear of a pretrained causal LM's blocks
-instead, with calibration and held-out Hessians from text the full-precision
-model samples (as ``lm_samples`` does; full-precision inputs at every layer);
-the table summarises each method over the layers: the geometric mean of its
-held-out error over GPTQ's, how many layers it is at or below GPTQ, the worst
-layer, and its total time over GPTQ's.
+With ``--model``, the layers are the linears of a pretrained causal LM (e.g. the llama2.c
+stories260K), their Hessians from the full-precision model's inputs on text it samples
+(calibration seed), the error on inputs from other samples (held-out seed); the table
+summarises every method over all layers (geometric mean of the per-layer error ratios).
+``--methods`` replaces the default methods (``name:option=value,...`` as in ``lm_samples``; GPTQ,
+the baseline of the ratios, is always run).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fqbench.bench.gptq_reference import reference_gptq
+from fqbench.bench.lm_samples import parse_method
 from fqbench.methods import build_method
-from fqbench.quant.checks import proxy_error
 from fqbench.records import write_json
 
 DEFAULT_METHODS = [
@@ -38,6 +39,7 @@ DEFAULT_METHODS = [
     ("gptq_clip", {}),
     ("quip", {}),
     ("quip_clip", {}),
+    ("quip_sharp", {}),
     ("framequant", {"redundancy": 1.0}),
     ("framequant", {"redundancy": 1.0, "clip_sigma": "auto"}),
     ("framequant", {"redundancy": 1.1}),
@@ -90,19 +92,46 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench_layer(out_features, in_features, bits, methods, samples, device, repeats, warmup=1):
-    W, H, X = llm_like_layer(out_features, in_features, samples, device=device)
-    shape = f"{out_features}x{in_features}"
+def pretrained_layers(model_dir: str, calib: int, held_out: int, seqlen: int, seed: int = 0):
+    """``[(name, W, H, X_test)]`` for every linear in the blocks of a pretrained causal LM: ``H`` from the inputs of
+    ``calib`` windows it samples (seed ``seed``), ``X_test`` the inputs of ``held_out`` others (seed ``seed + 1``)."""
+    from fqbench.bench.lm_samples import sample
+    from fqbench.models.hf import load_causal_lm
+
+    model, tokenizer, adapter = load_causal_lm(model_dir)
+    linears = {f"{block.name}.{name}": module for block in adapter.blocks(model)
+               for name, module in block.module.named_modules() if isinstance(module, torch.nn.Linear)}
+
+    def inputs(tokens) -> dict[str, torch.Tensor]:
+        seen = {name: [] for name in linears}
+        hooks = [module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(
+            args[0].detach().reshape(-1, args[0].shape[-1]).double())) for name, module in linears.items()]
+        with torch.no_grad():
+            for window in tokens.split(1):
+                model(window)
+        for hook in hooks:
+            hook.remove()
+        return {name: torch.cat(rows) for name, rows in seen.items()}
+
+    calibration = inputs(sample(model, tokenizer, calib, seqlen, seed=seed))
+    evaluation = inputs(sample(model, tokenizer, held_out, seqlen, seed=seed + 1))
+    return [(name, module.weight.detach().float(), 2.0 / len(calibration[name]) * calibration[name].T @ calibration[name],
+             evaluation[name].float()) for name, module in linears.items()]
+
+
+def bench_layer(W, H, X, shape: str, bits, methods, device, repeats, warmup=1):
+    """Every method on one layer (``W``, its Hessian ``H``, held-out inputs ``X``), ratios to GPTQ."""
+    W, H, X = W.to(device), H.to(device), X.to(device)
     rows = []
     for name, options in methods:
         label = name + "".join(f" {k}={v}" for k, v in options.items())
         best = float("inf")
+        method = None if name == "gptq_reference" else build_method(name, bits=bits, **options)
         for attempt in range(warmup + repeats):
-            if name == "gptq_reference":
+            if method is None:
                 W_hat, seconds = _timed(lambda: reference_gptq(W, H, bits))
                 bits_per_weight = float("nan")
             else:
-                method = build_method(name, bits=bits, **options)
                 layer, seconds = _timed(lambda: method.quantize(W, H))
                 W_hat, bits_per_weight = layer.weight(), layer.bits_per_weight
             if attempt >= warmup:  # warm-up calls pay one-time costs (kernel loading, allocator growth)
@@ -113,6 +142,31 @@ def bench_layer(out_features, in_features, bits, methods, samples, device, repea
         r.error_vs_gptq = r.proxy_error / gptq.proxy_error
         r.time_vs_gptq = r.seconds / gptq.seconds
     return rows
+
+
+def summarize(rows) -> list[Row]:
+    """One row per method over all layers: mean error, geometric-mean error ratio, total time ratio, honest bits
+    weighted by the layers' sizes."""
+    by_method: dict[str, list[Row]] = {}
+    for r in rows:
+        by_method.setdefault(r.method, []).append(r)
+    summary = []
+    for method, layer_rows in by_method.items():
+        sizes = torch.tensor([_size(r.shape) for r in layer_rows], dtype=torch.float64)
+        ratios = torch.tensor([r.error_vs_gptq for r in layer_rows], dtype=torch.float64)
+        seconds = sum(r.seconds for r in layer_rows)
+        gptq_seconds = sum(r.seconds for r in by_method["gptq"])
+        bits = torch.tensor([r.bits_per_weight for r in layer_rows], dtype=torch.float64)
+        summary.append(Row(f"{len(layer_rows)} layers", method,
+                           sum(r.proxy_error for r in layer_rows) / len(layer_rows), seconds,
+                           float((bits * sizes).sum() / sizes.sum()), float(ratios.log().mean().exp()),
+                           seconds / gptq_seconds))
+    return summary
+
+
+def _size(shape: str) -> int:
+    out_features, in_features = (int(v) for v in shape.split(" ")[-1].lower().split("x"))
+    return out_features * in_features
 
 
 def format_table(rows) -> str:
@@ -128,69 +182,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-PRETRAINED_METHODS = ["gptq", "framequant", "framequant:clip_sigma=null", "framequant:clip_sigma=auto",
-                      "framequant:clip_sigma=auto,grid_fit=mse"]
-
-
-def pretrained_layers(source: str, calibration: int, evaluation: int, seqlen: int, seed: int):
-    """``{name: (W, H_calibration, H_held_out)}`` for every linear of a causal LM's blocks, on sampled text."""
-    from fqbench.bench.lm_samples import sample
-    from fqbench.engine import accumulate_hessians, capture_block_inputs, enter_block, run_block
-    from fqbench.models.hf import load_causal_lm
-
-    model, tokenizer, adapter = load_causal_lm(source)
-    blocks = adapter.blocks(model)
-    layers = {}
-    for index, count in enumerate((calibration, evaluation)):
-        windows = sample(model, tokenizer, count, seqlen, seed=seed + index)
-        inputs = capture_block_inputs(model, blocks, windows.split(1), lambda m, s: adapter.run(m, s, "cpu"), "cpu")
-        for position, block in enumerate(blocks):
-            block, block_inputs, _ = enter_block(block, position, inputs, "cpu", adapter.block_kwargs)
-            for group in block.groups:
-                for name, H in accumulate_hessians(block.module, group, block_inputs).items():
-                    W = block.module.get_submodule(name).weight.data.float()
-                    layers.setdefault(f"{block.name}.{name}", [W])[1 + index:] = [H]
-            inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
-    return {name: tuple(value) for name, value in layers.items()}
-
-
-def bench_pretrained(layers: dict, bits: int, specs: list[str], seed: int = 0) -> list[dict]:
-    """Every method on every layer: held-out error and seconds, with their ratios to GPTQ's on that layer."""
-    from fqbench.bench.lm_samples import parse_method
-    from fqbench.seeding import derive_seed
-
-    rows = []
-    for layer_name, (W, H, H_held_out) in layers.items():
-        gptq = None
-        for spec in ["gptq", *(s for s in specs if s != "gptq")]:
-            name, options = parse_method(spec)
-            method = build_method(name, **{"bits": bits, **options})
-            layer, seconds = _timed(lambda: method.quantize(W, H, seed=derive_seed(seed, layer_name)))
-            row = {"layer": layer_name, "method": spec, "held_out_error": proxy_error(W, layer.weight(), H_held_out),
-                   "seconds": seconds, "bits_per_weight": layer.bits_per_weight, "weights": W.numel(),
-                   "clip_sigma": layer.info.get("clip_sigma")}
-            gptq = gptq or row
-            row["error_vs_gptq"] = row["held_out_error"] / gptq["held_out_error"]
-            rows.append(row)
-    return rows
-
-
-def format_summary(rows: list[dict], specs: list[str]) -> str:
-    import math
-
-    lines = ["| method | error / GPTQ (geometric mean) | layers at or below GPTQ | worst layer / GPTQ "
-             "| time / GPTQ | bits/weight |", "|---|---|---|---|---|---|"]
-    gptq_seconds = sum(r["seconds"] for r in rows if r["method"] == "gptq")
-    for spec in ["gptq", *(s for s in specs if s != "gptq")]:
-        mine = [r for r in rows if r["method"] == spec]
-        ratios = [r["error_vs_gptq"] for r in mine]
-        bits = sum(r["bits_per_weight"] * r["weights"] for r in mine) / sum(r["weights"] for r in mine)
-        lines.append(f"| {spec} | {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} "
-                     f"| {sum(ratio <= 1 for ratio in ratios)} of {len(ratios)} | {max(ratios):.3f} "
-                     f"| {sum(r['seconds'] for r in mine) / gptq_seconds:.2f} | {bits:.3f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fqbench.bench layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,37 +192,35 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="time each method this many times, keep the best")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each method before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--model", help="a causal-LM directory: its pretrained layers instead of synthetic ones")
-    parser.add_argument("--methods", nargs="+", default=PRETRAINED_METHODS,
-                        help="with --model: name:option=value,... per method (GPTQ is always the baseline)")
-    parser.add_argument("--calib", type=int, default=128, help="with --model: calibration windows")
-    parser.add_argument("--eval", type=int, default=64, help="with --model: held-out windows")
-    parser.add_argument("--seqlen", type=int, default=256, help="with --model: tokens per window")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="a pretrained causal-LM directory: bench every linear of its blocks instead")
+    parser.add_argument("--calib", type=int, default=32, help="--model: calibration windows the model samples")
+    parser.add_argument("--eval", type=int, default=16, help="--model: held-out windows")
+    parser.add_argument("--seqlen", type=int, default=256, help="--model: tokens per window")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", help="name:option=value,... per method (default: the built-in list)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    if args.model:
-        layers = pretrained_layers(args.model, args.calib, args.eval, args.seqlen, args.seed)
-        rows = bench_pretrained(layers, args.bits, args.methods, args.seed)
-        print(f"{args.model}: {len(layers)} layers, {args.bits} bits, {args.calib} calibration and {args.eval} "
-              f"held-out windows of {args.seqlen} sampled tokens")
-        print(format_summary(rows, args.methods))
-        if args.json:
-            write_json(args.json, rows)
-        return rows
+    methods = DEFAULT_METHODS
+    if args.methods:
+        methods = [parse_method(spec) for spec in args.methods]
+        methods = [m for m in methods if m != ("gptq", {})]
+        methods.insert(0, ("gptq", {}))
 
     all_rows = []
-    for shape in args.shapes.split(","):
-        out_features, in_features = (int(v) for v in shape.lower().split("x"))
-        samples = args.samples or 2 * in_features
-        rows = bench_layer(out_features, in_features, args.bits, DEFAULT_METHODS, samples, args.device, args.repeats,
-                           args.warmup)
-        print(format_table(rows), flush=True)
-        all_rows += rows
+    if args.model:
+        for name, W, H, X in pretrained_layers(args.model, args.calib, args.eval, args.seqlen):
+            all_rows += bench_layer(W, H, X, f"{name} {W.shape[0]}x{W.shape[1]}", args.bits, methods,
+                                    args.device, args.repeats, args.warmup)
+        print(format_table(summarize(all_rows)), flush=True)
+    else:
+        for shape in args.shapes.split(","):
+            out_features, in_features = (int(v) for v in shape.lower().split("x"))
+            W, H, X = llm_like_layer(out_features, in_features, args.samples or 2 * in_features)
+            rows = bench_layer(W, H, X, shape, args.bits, methods, args.device, args.repeats, args.warmup)
+            print(format_table(rows), flush=True)
+            all_rows += rows
     print(f"\ndevice: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, bits {args.bits}")
     if args.json:
         write_json(args.json, [asdict(r) for r in all_rows])

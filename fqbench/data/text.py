@@ -3,8 +3,10 @@
 Files are looked up under a data root with the layout of the shared data folder
 (``wikitext-2-raw/wiki.test.raw``, ``ptb/ptb.test.txt``, ``c4/<shard>``); every
 file name is a config key (``data.<key>``) and may be a glob, an absolute path,
-or a path relative to the root. Only when no local file is found (and
-``data.hub`` is true) do loaders fall back to the Hugging Face hub.
+or a path relative to the root. Only when no local file is found do loaders fall
+back to the Hugging Face hub, and only when asked: ``data.hub=true``, or
+``data.hub=auto`` (the default) with no ``data.root`` (with a local data root, a
+missing file is reported at once instead of after the hub's retries).
 
 Evaluation sets and calibration sets are registries (name -> loader), so that a
 new dataset is one decorated function.
@@ -53,7 +55,10 @@ class DataFiles:
         get = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
         root = get("root", None)
         files = {key: get(key, None) or default for key, default in DEFAULT_FILES.items()}
-        return cls(Path(root).expanduser() if root else None, files, bool(get("hub", True)))
+        hub = get("hub", "auto")
+        if hub not in (True, False, "auto"):
+            raise ValueError(f"data.hub={hub!r} is invalid; use true, false or auto (the hub only without data.root)")
+        return cls(Path(root).expanduser() if root else None, files, not root if hub == "auto" else hub)
 
     def places(self, key: str) -> list[str]:
         """The paths (or glob patterns) searched for ``key``, in order."""
@@ -87,7 +92,8 @@ def load_local_or_hub(data: DataFiles, key: str, read_local: Callable[[Path], ob
     path = data.find(key)
     if path is not None:
         return read_local(path), str(path)
-    reason = "the hub fallback is off (data.hub=false)"
+    reason = ("the hub fallback is off (data.hub=false, or data.hub=auto with data.root set; data.hub=true "
+              "tries the Hugging Face hub)")
     if data.hub and read_hub is not None:
         try:
             return read_hub()
@@ -291,7 +297,3 @@ def wikitext2_calibration(data, tokenizer, *, nsamples, seqlen, seed) -> Calibra
 def ptb_calibration(data, tokenizer, *, nsamples, seqlen, seed) -> Calibration:
     text, source = ptb_text(data, "train")
     return Calibration(sample_text_windows(tokenize(tokenizer, text), nsamples=nsamples, seqlen=seqlen, seed=seed), source)
-
-
-# Registered elsewhere: the offline default's corpus (Python's own standard library).
-from fqbench.data import pystdlib  # noqa: E402,F401

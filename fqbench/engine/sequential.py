@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fqbench.engine.capture import BlockInputs, accumulate_hessians, capture_block_inputs, enter_block, run_block
 from fqbench.engine.planning import Plan, plan_budget
+from fqbench.finite import NonFiniteError, all_finite
 from fqbench.models.adapter import Block
 from fqbench.quant.checks import proxy_error
 from fqbench.quantized import QuantizedWeight, QuantLinear
@@ -90,10 +91,16 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method, *, dev
         else:
             records, layers = _quantize_linears(block, block_inputs, method, seed, true_sequential, plan)
         result.records.extend(records)
-        if keep_layers:
-            result.layers.update({name: layer.cpu() for name, layer in layers.items()})
-        inputs = inputs.replace_hidden(run_block(block.module, block_inputs))
+        outputs = run_block(block.module, block_inputs)
+        if not all(all_finite(h) for h in outputs):
+            raise NonFiniteError(f"block {block.name}: its outputs have NaN/Inf values after quantizing its linears; "
+                                 f"check its weights and the model dtype (float16 overflows)")
+        inputs = inputs.replace_hidden(outputs)
         block.module.to(home)
+        if keep_layers:
+            # A weight a QuantLinear of the block holds went home with the block; the others go to the CPU.
+            held = {id(m) for m in block.module.modules()}
+            result.layers.update({name: layer if id(layer) in held else layer.cpu() for name, layer in layers.items()})
         bar.set_postfix(block=block.name, seconds=f"{time.perf_counter() - start:.1f}")
     return result
 
@@ -109,7 +116,11 @@ def _quantize_linears(block: Block, inputs: BlockInputs, method, seed: int, true
             linear = block.module.get_submodule(name)
             W = linear.weight.data
             layer_method = method if plan is None else plan.method_for(full_name)
-            layer = layer_method.quantize(W.float(), hessians[name], seed=derive_seed(seed, full_name))
+            try:
+                layer = layer_method.quantize(W.float(), hessians[name], seed=derive_seed(seed, full_name))
+            except (ValueError, RuntimeError) as error:  # name the layer: the method's checks see only W and H
+                kind = ValueError if isinstance(error, ValueError) else RuntimeError
+                raise kind(f"layer {full_name}: {error}") from error
             install(block.module, name, layer)
             record = layer_record(full_name, W, layer, hessians[name])
             if plan is not None:
@@ -147,14 +158,17 @@ def layer_record(full_name: str, W: torch.Tensor, layer: QuantizedWeight, H: tor
 
 
 def summarize(records: Sequence[LayerRecord]) -> dict:
-    """Model-level honest bits: weighted by the number of weights of every quantized linear."""
+    """Model-level honest bits: weighted by the number of weights of every quantized linear; with
+    quantized activations (records whose ``extra`` has ``act_bits``), the widest activation code."""
     weights = [r.shape[0] * r.shape[1] for r in records]
     total = sum(weights)
     if total == 0:
         return {"bits_per_weight": float("nan"), "nominal_bits": float("nan"), "quantized_weights": 0}
+    act_bits = [r.extra["act_bits"] for r in records if r.extra.get("act_bits") is not None]
     return {
         "bits_per_weight": sum(r.bits_per_weight * w for r, w in zip(records, weights)) / total,
         "nominal_bits": sum(r.nominal_bits * w for r, w in zip(records, weights)) / total,
         "quantized_weights": total,
         "mean_proxy_error": sum(r.proxy_error for r in records) / len(records),
+        **({"act_bits": max(act_bits), "activation_quantized_layers": len(act_bits)} if act_bits else {}),
     }

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fqbench.engine import capture_block_inputs, run_block
+from fqbench.finite import all_finite
 from fqbench.models.hf import CausalLMAdapter
 
 
@@ -26,6 +27,7 @@ class Perplexity:
     seqlen: int
     windows: int
     tokens: int  # tokens in the windows (the tail beyond the last full window is dropped)
+    first_nonfinite: str | None = None  # the first module whose output had a NaN/Inf, if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,10 +48,14 @@ def perplexity(model, adapter: CausalLMAdapter, ids: torch.Tensor, *, seqlen: in
     blocks = adapter.blocks(model)
     inputs = capture_block_inputs(model, blocks, windows.split(1),
                                   lambda m, w: m(input_ids=w.to(device), use_cache=False), device)
+    first_nonfinite = None if all(all_finite(args[0]) for args in inputs.args) else f"the inputs of {blocks[0].name}"
     for block in tqdm(blocks, desc=desc, unit="block", disable=not progress):
         home = next(block.module.parameters()).device
         block.module.to(device)
-        inputs = inputs.replace_hidden(run_block(block.module, inputs))
+        hidden = run_block(block.module, inputs)
+        if first_nonfinite is None and not all(all_finite(h) for h in hidden):
+            first_nonfinite = block.name
+        inputs = inputs.replace_hidden(hidden)
         block.module.to(home)
 
     head = adapter.head_modules(model)
@@ -61,9 +67,21 @@ def perplexity(model, adapter: CausalLMAdapter, ids: torch.Tensor, *, seqlen: in
         with torch.no_grad():
             for (hidden, *_), window in zip(inputs.args, windows):
                 logits = adapter.apply_head(model, hidden)[0].float()
+                if first_nonfinite is None and not all_finite(logits):
+                    first_nonfinite = _first_nonfinite_module(model, head, hidden)
                 nll += F.cross_entropy(logits[:-1], window[1:].to(logits.device)).double().cpu()
     finally:
         for module, home in zip(head, homes):
             if home is not None:
                 module.to(home)
-    return Perplexity(math.exp(nll.item() / len(windows)), seqlen, len(windows), windows.numel())
+    return Perplexity(math.exp(nll.item() / len(windows)), seqlen, len(windows), windows.numel(), first_nonfinite)
+
+
+def _first_nonfinite_module(model, head, hidden: torch.Tensor) -> str:
+    """The name of the first head module (final norm, projection, LM head) whose output has a NaN/Inf."""
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in head:
+        hidden = module(hidden)
+        if not all_finite(hidden):
+            return names.get(id(module), type(module).__name__)
+    return "the head"

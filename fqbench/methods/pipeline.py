@@ -128,7 +128,7 @@ def _solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer | None, 
         error = result.loss + _clip_error(W - clipped, clipped - result.dequantized, H, result.damping)
         solved[sigma] = (error, result)
     best = min(solved, key=lambda sigma: solved[sigma][0])
-    chosen = {"clip_sigma": float("inf") if best is None else best,  # inf: no clip
+    chosen = {"clip_sigma": "none" if best is None else best,
               "clip_error_vs_reference": solved[best][0] / solved[search.reference][0]}
     return solved[best][1], chosen
 

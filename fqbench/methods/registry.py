@@ -33,7 +33,8 @@ from fqbench.quant.checks import validate_layer_inputs
 from fqbench.quantized import QuantizedWeight
 
 BUILTIN_MODULES = ("fqbench.methods.fp", "fqbench.methods.framequant",
-                   "baselines.rtn", "baselines.gptq", "baselines.quip", "baselines.ptq4vit")
+                   "baselines.rtn", "baselines.gptq", "baselines.quip", "baselines.quip_sharp", "baselines.ptq4vit",
+                   "baselines.repq")
 TIERS = ("layer", "block", "model")
 METHODS: dict[str, type["Method"]] = {}
 

@@ -49,12 +49,14 @@ from fqbench.packing.format import (
     upgrade_layer,
 )
 from fqbench.packing.models import build_model, describe_model
+from fqbench.packing.checksums import checksum_metadata, verify_checksums
 from fqbench.packing.names import CONFIG_NAME, INFIX, QUANT_METHOD, WEIGHTS_NAME
 from fqbench.packing.safetensors_file import METADATA
 from fqbench.quantized import ActivationQuantizer, QuantizedWeight, QuantLinear, quantizer_from_state
 from fqbench.quantized.base import StateError, sub_state
+from fqbench.umask import apply_umask
 
-MODES = ("dequantized", "packed")
+MODES = ("dequantized", "packed", "kernel")
 # Module attributes that change a module's forward without being part of the model's config
 # (timm attention's fused path hides the probabilities from their quantizer): recorded when they
 # differ from a freshly built model, and set again on load.
@@ -242,10 +244,12 @@ def _write_directory(directory: Path, tensors: dict, config: dict, overwrite: bo
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=METADATA)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={**METADATA, **checksum_metadata(tensors)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
         if write_extra is not None:
             write_extra(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make them private
+            apply_umask(path)
         if directory.exists():
             if not overwrite:
                 raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
@@ -310,13 +314,16 @@ def read_checkpoint_config(directory: str | os.PathLike) -> tuple[dict, dict]:
     return config, qc
 
 
-def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized",
-                   device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", device: str | torch.device = "cpu",
+                   verify: bool = True) -> nn.Module:
     """The model of a packed checkpoint, rebuilt from its config and tensors only, in eval mode on ``device``.
 
     ``mode="dequantized"``: nn.Linear weights hold ``layer.weight()`` (bit-identical to the evaluated
     fake-quantized model; layers with activation quantizers become ``QuantLinear``). ``mode="packed"``:
-    every quantized linear becomes a ``QuantLinear`` whose weight keeps its codes packed.
+    every quantized linear becomes a ``QuantLinear`` whose weight keeps its codes packed. ``mode="kernel"``:
+    the same with the weights in their kernel layout for ``device`` (gemlite on a GPU where it runs, in the
+    model's float16/bfloat16; else the PyTorch kernel) and Kronecker-factored frame transforms. ``verify``
+    checks every tensor against its stored sha256 (``PackedFormatError`` naming a corrupted tensor).
     Checkpoints of format version 1 are read too.
     """
     if mode not in MODES:
@@ -328,6 +335,8 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized",
     if not isinstance(dtype, torch.dtype):
         raise PackedFormatError(f"unknown dtype {qc['dtype']!r} in quantization_config")
     tensors = _read_tensors(directory / WEIGHTS_NAME)
+    if verify:
+        verify_checksums(directory / WEIGHTS_NAME)
     model = build_model(qc["model_library"], config, dtype, qc.get("attn_implementation"))
 
     per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in metas}
@@ -347,15 +356,19 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized",
     _assign(model, regular, aliases)
     _cast_recomputed_buffers(model, qc.get("buffer_dtypes", {}))
 
-    layout = "packed" if mode == "packed" else "plain"
+    layout = {"dequantized": "plain", "packed": "packed", "kernel": "kernel"}[mode]
+    kernel_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     for name, meta in metas.items():
         linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear) or [linear.out_features, linear.in_features] != list(meta["shape"]):
             raise PackedFormatError(f"layer {name}: the model built from config.json has {linear} there, not a "
                                     f"linear layer of shape {meta['shape']}")
-        weight, quantizers = unpack_layer(f"{name}.{INFIX}", meta, per_layer[name], layout)
+        weight, quantizers = unpack_layer(f"{name}.{INFIX}", meta, per_layer[name],
+                                          "packed" if layout == "kernel" else layout)
         weight = weight.to(device)
-        if mode == "packed" and weight.kind != "dense" or quantizers or weight.quantizes_activations:
+        if layout == "kernel":
+            weight = weight.with_layout("kernel", device=device, dtype=kernel_dtype)
+        if layout != "plain" and weight.kind != "dense" or quantizers or weight.quantizes_activations:
             _replace(model, name, layer_module(weight, {k: q.to(device) for k, q in quantizers.items()}, linear.bias))
         else:
             dtype = getattr(torch, meta.get("weight_dtype") or "", linear.weight.dtype)

@@ -41,6 +41,13 @@ def read_header(path: str | Path) -> dict[str, dict]:
             raise ValueError(f"{path} has a corrupted safetensors header: {error}") from error
 
 
+def data_offset(path: str | Path) -> int:
+    """Where a safetensors file's data begins: after the 8-byte length and the header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    return 8 + length
+
+
 def tensor_bytes(entry: dict) -> int:
     start, end = entry["data_offsets"]
     return end - start

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from fqbench.data.text import DataFiles, calibration_windows, eval_tokens
 from fqbench.engine import quantize_model, summarize
 from fqbench.eval.perplexity import perplexity
+from fqbench.finite import check_metric
 from fqbench.models.hf import load_causal_lm, max_positions
 from fqbench.pipelines.saving import save_run
 
@@ -30,6 +32,9 @@ def run(cfg, method, device, output_dir) -> dict:
     source = cfg.model.get("path") or cfg.model.get("name")
     if not source:
         raise ValueError("the model config needs model.path (a local checkpoint directory) or model.name (a hub name)")
+    if cfg.model.get("path") and not Path(source).expanduser().is_dir():  # else the hub's repo-id message
+        raise FileNotFoundError(f"model.path={source}: no such directory; model.path is a local checkpoint folder "
+                                f"(from save_pretrained), model.name a hub name")
     model, tokenizer, adapter = load_causal_lm(str(source), dtype=cfg.model.get("dtype", "auto"), device=device)
     _check_seqlen(model, "calib.seqlen", cfg.calib.seqlen)
     _check_seqlen(model, "eval.seqlen", cfg.eval.seqlen)
@@ -69,6 +74,11 @@ def run(cfg, method, device, output_dir) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "eval_seqlen": cfg.eval.seqlen,
         "eval_sources": {name: tokens.source for name, tokens in eval_sets.items()},
+        # Tokenizers change token counts, hence perplexity (docs/lm.md, "Tokenizers"): what was used, and how many
+        # tokens each evaluation text became.
+        "tokenizer": {"class": type(tokenizer).__name__, "fast": bool(getattr(tokenizer, "is_fast", False)),
+                      "vocab_size": len(tokenizer)},
+        "eval_tokens": {name: int(tokens.ids.numel()) for name, tokens in eval_sets.items()},
         "perplexity": details,
         "calib_dataset": cfg.calib.dataset,
         "calib_source": calibration.source,
@@ -86,6 +96,7 @@ def evaluate(model, tokenizer, adapter, eval_sets, cfg, device, metrics: dict, d
     for name, tokens in eval_sets.items():
         result = perplexity(model, adapter, tokens.ids, seqlen=cfg.eval.seqlen, device=device,
                             progress=cfg.engine.progress, desc=f"{prefix}{name} perplexity")
+        check_metric(f"{prefix}{name}_ppl", result.ppl, first_nonfinite=result.first_nonfinite)
         metrics[f"{prefix}{name}_ppl"] = result.ppl
         details[f"{prefix}{name}"] = result.to_dict()
         log.info("%s%s perplexity %.3f (%d windows of %d tokens)", prefix, name, result.ppl, result.windows, result.seqlen)

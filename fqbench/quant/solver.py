@@ -122,21 +122,22 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
     One column (scalar grids): its error ``(w - q) / U[i, i]`` updates the later columns with
     ``U[i, i+1:]``. A group of ``g`` columns quantized jointly (a vector codebook): the error
     ``E = U_bb^-T (w_b - q_b)`` (a triangular solve with the group's g x g block of U) updates
-    the later columns with ``U[b, later]`` (BlockLDLQ; with g = 1 it is the scalar rule).
+    the later columns with ``U[b, later]`` (BlockLDLQ; with g = 1 it is the scalar rule). When the
+    columns are not a multiple of g, the last group is narrower.
 
     ``W - Q = U^T E`` for the scaled errors ``E`` and ``U H_d U^T = I``, so the proxy loss
     ``tr(dW H_d dW^T)`` is ``||E||^2``, summed as the solve goes.
     """
     rows, cols = W.shape
     width = quantizer.width
-    if cols % width or options.blocksize % width:
-        raise ValueError(f"a quantizer of {width} columns at a time needs cols ({cols}) and blocksize "
-                         f"({options.blocksize}) to be multiples of {width}")
+    if options.blocksize % width:
+        raise ValueError(f"a quantizer of {width} columns at a time needs the blocksize ({options.blocksize}) "
+                         f"to be a multiple of {width}")
     factor = factor_hessian(H, options) if factor is None else factor
     W = W.to(torch.float32).clone()
-    W[:, factor.dead] = 0
     perm = factor.perm
-    quantizer.prepare(W, perm)
+    quantizer.prepare(W, perm, factor.dead.to(W.device))
+    W[:, factor.dead] = 0
     if perm is not None:
         W = W[:, perm]
     U, damping, hinv_dtype = factor.U.to(W.device), factor.damping, factor.dtype
@@ -161,7 +162,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
                 Err1[i] = err
             else:
-                j = i + width
+                j = min(i + width, i2 - i1)
                 err = torch.linalg.solve_triangular(U1[i:j, i:j].T, W1[i:j] - dq, upper=False)
                 W1[j:].addmm_(U1[i:j, j:].T, err, alpha=-1)
                 Err1[i:j] = err

@@ -12,11 +12,12 @@ from fqbench.quantized.activations import ACTIVATION_KINDS, ActivationQuantizer,
 from fqbench.quantized.base import (
     LAYOUTS, WEIGHT_KINDS, QuantizedWeight, StateError, Stored, register_weight_kind, weight_from_state,
 )
+from fqbench.quantized.codebook import CodebookWeight
 from fqbench.quantized.dense import DenseWeight
 from fqbench.quantized.grid import GridWeight
 from fqbench.quantized.linear import QuantLinear
 from fqbench.quantized.transformed import TransformedWeight
 
-__all__ = ["ACTIVATION_KINDS", "ActivationQuantizer", "DenseWeight", "GridWeight", "LAYOUTS", "QuantLinear",
-           "QuantizedWeight", "StateError", "Stored", "TransformedWeight", "WEIGHT_KINDS", "quantizer_from_state",
+__all__ = ["ACTIVATION_KINDS", "ActivationQuantizer", "CodebookWeight", "DenseWeight", "GridWeight", "LAYOUTS",
+           "QuantLinear", "QuantizedWeight", "StateError", "Stored", "TransformedWeight", "WEIGHT_KINDS", "quantizer_from_state",
            "register_weight_kind", "weight_from_state"]

@@ -10,7 +10,14 @@ kept). Kinds:
 - ``twin_gelu``: post-GELU values, negatives on the fixed range ``[-0.17, 0]`` and positives with a
   searched step (PTQ4ViT);
 - ``twin_softmax``: post-softmax values up to ``split`` on a fine (k-1)-bit grid over ``[0, split]``,
-  larger ones on a coarse (k-1)-bit grid over ``[0, 1]`` (PTQ4ViT).
+  larger ones on a coarse (k-1)-bit grid over ``[0, 1]`` (PTQ4ViT);
+- ``affine``: asymmetric uniform ``scale * (clamp(round(x / scale) + zero, 0, 2^k - 1) - zero)`` with an
+  integer zero point, one scale and zero per chunk of the last dimension (RepQ-ViT's quantizer; with
+  per-channel parameters it is the calibration-time quantizer of post-LayerNorm activations);
+- ``log2``: post-softmax values as ``scale * 2^-e`` or ``sqrt(2) * scale * 2^-e`` (an integer exponent
+  and a parity bit selecting one of two scales), the inference form of the log-sqrt(2) quantizer
+  ``scale * sqrt(2)^-q`` (RepQ-ViT): the same k-bit codes ``q = 2e - parity``, with the largest code
+  reserved for zero so that k bits hold every level.
 
 Each quantizer gives ``stored()`` (tensors and their bits) and ``meta()``; ``quantizer_from_state``
 rebuilds any of them from what a checkpoint holds.
@@ -22,21 +29,13 @@ from typing import ClassVar
 
 import torch
 
-from fqbench.quantized.base import StateError, StoredModule, Stored, check_tensors, dtype_bits
+from fqbench.quantized.base import StateError, StoredModule, Stored, check_tensors, dtype_bits, kind_registrar
 
 GELU_MIN = 0.16997124254703522  # -min GELU(x): the post-GELU negative range
+SQRT2 = 2 ** 0.5
+QUARTER, THREE_QUARTERS = 2 ** -0.25, 2 ** -0.75  # mantissa thresholds of the half-power levels
 ACTIVATION_KINDS: dict[str, type["ActivationQuantizer"]] = {}
-
-
-def register_activation_kind(name: str):
-    def decorate(cls):
-        if name in ACTIVATION_KINDS:
-            raise ValueError(f"activation quantizer kind {name!r} is registered twice")
-        cls.kind = name
-        ACTIVATION_KINDS[name] = cls
-        return cls
-
-    return decorate
+register_activation_kind = kind_registrar(ACTIVATION_KINDS, "activation quantizer kind")
 
 
 def check_act_bits(bits) -> None:
@@ -101,6 +100,51 @@ class TwinSoftmaxQuantizer(ActivationQuantizer):
         return twin_softmax_quantize(x, self.split, self.bits)
 
 
+@register_activation_kind("affine")
+class AffineQuantizer(ActivationQuantizer):
+    PARAMETERS = ("scale", "zero")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return affine_quantize(x, *self.per_channel(x.shape[-1]), self.bits)
+
+    def per_channel(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero for each of ``channels`` (each chunk's repeated over its channels)."""
+        chunks = self.scale.numel()
+        if channels % chunks:
+            raise ValueError(f"{channels} channels do not split into {chunks} chunks of one scale each")
+        return self.scale.repeat_interleave(channels // chunks), self.zero.repeat_interleave(channels // chunks)
+
+
+@register_activation_kind("log2")
+class Log2Quantizer(ActivationQuantizer):
+    PARAMETERS = ("scale",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        exponent, parity = self.encode(x)
+        value = torch.where(parity.bool(), self.scale * SQRT2, self.scale) * torch.exp2(-exponent.to(x.dtype))
+        return torch.where(exponent >= zero_exponent(self.bits), torch.zeros_like(x), value).to(x.dtype)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer exponent and parity of every value: ``x ~ scale * sqrt(2)^parity * 2^-exponent``.
+
+        Read off the float's own exponent and one comparison of its mantissa (``frexp``): with
+        ``x / scale = m 2^k``, ``m`` in [1/2, 1), the nearest half-power ``sqrt(2)^-q`` has
+        ``q = -2k + j``, ``j = 0`` for ``m >= 2^-1/4``, ``2`` for ``m <= 2^-3/4``, else ``1``.
+        The pair ``(ceil(q/2), q mod 2)`` is the log-sqrt(2) code ``q`` (``log_sqrt2_codes``)
+        written as a shift and a choice of scale. Both forms divide by the scale in float64, where
+        no float32 input lies on a rounding boundary (the thresholds are irrational), so their codes agree.
+        """
+        mantissa, k = torch.frexp(_ratio(x, self.scale))
+        half_up = (mantissa < QUARTER).to(torch.int32)  # j > 0: one more halving
+        parity = ((mantissa < QUARTER) & (mantissa > THREE_QUARTERS)).to(torch.int32)  # j == 1
+        exponent = -k + half_up
+        codes = 2 * exponent - parity
+        zero = (codes >= 2 ** self.bits - 1) | ~(x > 0)
+        exponent = torch.where(zero, zero_exponent(self.bits), torch.where(codes < 0, 0, exponent))
+        parity = torch.where(zero, 1, torch.where(codes < 0, 0, parity))
+        return exponent, parity
+
+
 def expected_quantizer_tensors(meta: dict) -> dict:
     cls = _kind(meta)
     sizes = meta.get("sizes", {})
@@ -141,6 +185,37 @@ def twin_softmax_quantize(x: torch.Tensor, split, bits: int) -> torch.Tensor:
     fine = torch.round(torch.minimum(x.clamp(min=0), split) * (steps / split)) * (split / steps)
     coarse = torch.round(x.clamp(0, 1) * steps) / steps
     return torch.where(x <= split, fine, coarse)
+
+
+def affine_codes(x: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
+    """Unsigned k-bit codes of the asymmetric uniform quantizer (``zero`` an integer)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+
+
+def affine_quantize(x: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
+    return (affine_codes(x, scale, zero, bits) - zero) * scale
+
+
+def log_sqrt2_codes(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    """Codes ``q = clamp(round(-2 log2(x / scale)), 0)`` of the log-sqrt(2) quantizer; ``2^k - 1`` is zero
+    (values below the smallest level, and non-positive ones)."""
+    q = torch.round(-2 * torch.log2(_ratio(x, scale))).clamp(min=0)
+    return torch.where((q < 2 ** bits - 1) & (x > 0), q, 2 ** bits - 1).to(x.dtype)
+
+
+def log_sqrt2_quantize(x: torch.Tensor, scale, bits: int) -> torch.Tensor:
+    """Post-softmax values on the levels ``scale * sqrt(2)^-q`` (RepQ-ViT's calibration-time quantizer)."""
+    q = log_sqrt2_codes(x, scale, bits)
+    return torch.where(q < 2 ** bits - 1, scale * torch.exp2(-q / 2), torch.zeros_like(x))
+
+
+def _ratio(x: torch.Tensor, scale) -> torch.Tensor:
+    return x.double() / torch.as_tensor(scale, dtype=torch.float64, device=x.device)
+
+
+def zero_exponent(bits: int) -> int:
+    """The log2 exponent of the zero code ``2^k - 1`` (odd: parity 1)."""
+    return 2 ** (bits - 1)
 
 
 def twin_gelu_quantize(x: torch.Tensor, delta_pos, bits: int) -> torch.Tensor:

@@ -11,9 +11,12 @@ bias stays in full precision, in ``QuantLinear``). Every kind
 - derives ``bits_per_weight`` from that very state: every stored tensor says how many
   bits it costs (codes at their width, not the bytes of their container), and the sum is
   divided by the number of original weights. There is no second copy of the accounting;
-- holds its codes ``plain`` (one integer per byte, ready for a dense matmul) or
-  ``packed`` (bit-packed as stored, computing with table-lookup kernels): a layout
-  choice of the same object (``with_layout``), as torchao's tensor subclasses make it.
+- holds its codes ``plain`` (one integer per byte, ready for a dense matmul),
+  ``packed`` (bit-packed as stored, computing with the CPU table-lookup kernels) or
+  ``kernel`` (in the layout of the inference kernels of a device and dtype: gemlite on a
+  GPU where it can run, else a pure-PyTorch matrix over the same layout; transforms as
+  Kronecker-factored matmuls): a layout choice of the same object (``with_layout``), as
+  torchao's tensor subclasses make it.
 """
 
 from __future__ import annotations
@@ -26,19 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("plain", "packed")
+LAYOUTS = ("plain", "packed", "kernel")
 WEIGHT_KINDS: dict[str, type["QuantizedWeight"]] = {}
 
 
-def register_weight_kind(name: str):
-    def decorate(cls):
-        if name in WEIGHT_KINDS:
-            raise ValueError(f"weight kind {name!r} is registered twice")
-        cls.kind = name
-        WEIGHT_KINDS[name] = cls
-        return cls
+def kind_registrar(registry: dict, what: str):
+    """A decorator factory registering classes in ``registry`` under a kind name (stored in checkpoints)."""
 
-    return decorate
+    def register(name: str):
+        def decorate(cls):
+            if name in registry:
+                raise ValueError(f"{what} {name!r} is registered twice")
+            cls.kind = name
+            registry[name] = cls
+            return cls
+
+        return decorate
+
+    return register
+
+
+register_weight_kind = kind_registrar(WEIGHT_KINDS, "weight kind")
 
 
 class StateError(ValueError):
@@ -97,8 +108,9 @@ class QuantizedWeight(StoredModule):
     def layout(self) -> str:
         return "plain"
 
-    def with_layout(self, layout: str) -> "QuantizedWeight":
-        """This weight with its codes held ``plain`` or ``packed`` (a new object when the layout changes)."""
+    def with_layout(self, layout: str, *, device=None, dtype: torch.dtype = torch.float16) -> "QuantizedWeight":
+        """This weight with its codes held ``plain``, ``packed`` or for the ``kernel`` of ``device`` computing in
+        ``dtype`` (a new object when the layout changes)."""
         check_layout(layout)
         return self
 

@@ -18,7 +18,7 @@ class DenseWeight(QuantizedWeight):
     def weight(self) -> torch.Tensor:
         return self.dense_weight.float()
 
-    def with_layout(self, layout: str) -> "DenseWeight":
+    def with_layout(self, layout: str, *, device=None, dtype=None) -> "DenseWeight":
         check_layout(layout)  # nothing to pack: the weight is stored as it is
         return self
 

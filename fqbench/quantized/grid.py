@@ -14,11 +14,16 @@ Stored tensors (names relative to the weight), each counted at the bits it costs
 
 In the ``plain`` layout the codes are one uint8 per weight; in the ``packed`` layout they stay
 bit-packed in memory and a few rows of activations are multiplied by table lookup on the packed
-bytes (``fqbench.kernels.lut``); many rows decode the weights first (bit-identical to plain).
+bytes (``fqbench.kernels.lut``); many rows decode the weights first (bit-identical to plain). In the
+``kernel`` layout the codes live in an inference kernel's format for a device and dtype
+(``fqbench.kernels.select``: gemlite's Triton GEMV/GEMM on a GPU where it can run, else the
+pure-PyTorch matrix over the same int32 layout); it computes in that dtype (float16 by default), so
+it equals the plain layout within float16 rounding.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -30,6 +35,8 @@ from fqbench.quantized.base import (
     register_weight_kind,
 )
 from fqbench.kernels.bitpack import pack_bits, packed_shape, unpack_bits
+
+log = logging.getLogger(__name__)
 
 ZERO_STORAGE = ("packed", "int16", "float16", "float32", "implied")
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -44,10 +51,11 @@ class GridWeight(QuantizedWeight):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  group_index: torch.Tensor | None, *, bits: int, shape: tuple[int, int], zero_storage: str,
                  zero_value: float | None = None, integer_zero: bool = True, layout: str = "plain",
-                 lut_rows: int = LUT_ROWS):
-        """Codes in ``layout`` (plain: (rows, cols) uint8; packed: bit planes), ``scale`` (scale_rows, groups)
-        in its stored dtype, ``zero`` (rows, groups) holding its stored values exactly (None when implied),
-        ``group_index`` (cols,) or None for contiguous groups. Use ``GridWeight.fit`` from solver output."""
+                 lut_rows: int = LUT_ROWS, kernel: torch.nn.Module | None = None):
+        """Codes in ``layout`` (plain: (rows, cols) uint8; packed: bit planes; kernel: None, held by ``kernel``),
+        ``scale`` (scale_rows, groups) in its stored dtype, ``zero`` (rows, groups) holding its stored values
+        exactly (None when implied), ``group_index`` (cols,) or None for contiguous groups. Use
+        ``GridWeight.fit`` from solver output."""
         rows, cols = shape
         super().__init__(rows, cols)
         check_layout(layout)
@@ -63,6 +71,9 @@ class GridWeight(QuantizedWeight):
         self.integer_zero = integer_zero
         self._layout = layout
         self.lut_rows = lut_rows
+        if (kernel is not None) != (layout == "kernel"):
+            raise StateError("a kernel holds the codes exactly in the kernel layout")
+        self.kernel = kernel
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
@@ -126,6 +137,8 @@ class GridWeight(QuantizedWeight):
         """The (rows, cols) codes as uint8, whatever the layout."""
         if self._layout == "plain":
             return self.codes
+        if self._layout == "kernel":
+            return self.kernel.codes()
         return unpack_bits(self.codes, self.bits, self.out_features * self.in_features).view(
             self.out_features, self.in_features)
 
@@ -138,6 +151,8 @@ class GridWeight(QuantizedWeight):
         return scale, zero
 
     def weight(self) -> torch.Tensor:
+        if self._layout == "kernel":
+            return self.kernel.dequantize().T.float()
         if self._layout == "plain":
             weight = self.codes.float()
         else:
@@ -158,6 +173,9 @@ class GridWeight(QuantizedWeight):
         return weight.mul_(scale.index_select(1, index))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._layout == "kernel":
+            y = self.kernel(x.to(self.kernel.dtype)).to(x.dtype)
+            return y if bias is None else y + bias.to(y.dtype)
         if self._layout == "packed" and self.lut_ok and x.numel() // self.in_features <= self.lut_rows:
             y = self._lut_forward(x)
             return y if bias is None else y + bias.to(y.dtype)
@@ -177,26 +195,57 @@ class GridWeight(QuantizedWeight):
         y = (scale * (partial - zero * group_sums.unsqueeze(1))).sum(-1)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def with_layout(self, layout: str) -> "GridWeight":
+    def with_layout(self, layout: str, *, device=None, dtype: torch.dtype = torch.float16) -> "GridWeight":
         check_layout(layout)
-        if layout == self._layout:
+        if layout == self._layout and layout != "kernel":
             return self
-        if layout == "packed":
-            codes = pack_bits(self.codes, self.bits).to(self.codes.device)
+        kernel, codes = None, None
+        if layout == "kernel":
+            problem = self.kernel_problem()
+            if problem is not None:
+                log.warning("%s: no kernel layout (%s); kept bit-packed (CPU kernels)", self.extra_repr(), problem)
+                return self.with_layout("packed")
+            kernel = self._kernel_matrix(self.scale.device if device is None else device, dtype)
+        elif layout == "packed":
+            codes = pack_bits(self.code_values(), self.bits).to(self.scale.device)
         else:
             codes = self.code_values()
         clone = GridWeight(codes, self.scale, self.zero, self.group_index, bits=self.bits,
                            shape=(self.out_features, self.in_features), zero_storage=self.zero_storage,
                            zero_value=self.zero_value, integer_zero=self.integer_zero, layout=layout,
-                           lut_rows=self.lut_rows)
+                           lut_rows=self.lut_rows, kernel=kernel)
         _copy_identity(self, clone)
-        return clone
+        return clone if device is None else clone.to(device)
+
+    def kernel_problem(self) -> str | None:
+        """Why this weight has no kernel layout, or None."""
+        from fqbench.kernels.packed_matrix import SUPPORTED_BITS
+
+        if self.bits not in SUPPORTED_BITS:
+            return f"{self.bits}-bit codes (kernels take {SUPPORTED_BITS})"
+        if self.group_index is not None:
+            return "act-order groups that are not contiguous"
+        if self.in_features % self.group_size:
+            return f"groups of {self.group_size} columns do not divide {self.in_features}"
+        return None
+
+    def _kernel_matrix(self, device, dtype: torch.dtype):
+        from fqbench.kernels.packed_matrix import QuantizedWeights
+        from fqbench.kernels.select import build_matrix
+
+        scale, zero = self._row_scale_zero()
+        scale = scale.expand(self.out_features, self.groups)
+        zero = torch.full_like(scale, zero) if self.zero is None else zero
+        weights = QuantizedWeights(codes=self.code_values().to(device),
+                                   scale=scale.to(device, torch.float16).contiguous(),
+                                   zero=zero.to(device).contiguous(), bits=self.bits, group_size=self.group_size)
+        return build_matrix(weights, device, dtype)
 
     # --- storage ------------------------------------------------------------------------
 
     def stored(self) -> dict[str, Stored]:
         rows, cols = self.out_features, self.in_features
-        codes = self.codes if self._layout == "packed" else pack_bits(self.codes, self.bits)
+        codes = self.codes if self._layout == "packed" else pack_bits(self.code_values(), self.bits)
         stored = {
             "codes": Stored(codes, rows * cols * self.bits),
             "scale": Stored(self.scale, self.scale.numel() * dtype_bits(self.scale.dtype)),

@@ -5,6 +5,10 @@ for FrameQuant and QuIP, a codebook for QuIP#) on the transform coefficients. Th
 runs in the transformed space and never forms a dense d x d matrix: analysis of the input
 (optionally quantized per token there: paper Appendix F), ``D_hat``, synthesis of the output.
 
+In the ``kernel`` layout the inner weight is in its kernel layout and the operators run as
+Kronecker-factored matmuls (``fqbench.kernels.fast_transform``), or as one fused Triton kernel per
+direction (``transforms="triton"``, CUDA), in the kernel's dtype.
+
 Stored: the inner weight's tensors under ``inner.``; per side ``in_op.spec`` / ``out_op.spec``
 (int32: dim, block, rotation kind, seed) and ``in_op.redundancy`` / ``out_op.redundancy``
 (float64, NaN for a rotation without a frame), from which the operators are regenerated;
@@ -15,6 +19,8 @@ under ``coefficient_quantizer.``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fqbench.frames.operator import SPEC_BITS, FrameOperator, OperatorSpec
@@ -23,6 +29,8 @@ from fqbench.quantized.base import (
     WEIGHT_KINDS, QuantizedWeight, StateError, Stored, check_layout, dtype_bits, register_weight_kind, sub_state,
 )
 from fqbench.quantized.grid import _copy_identity, _exact
+
+log = logging.getLogger(__name__)
 
 SIDES = ("in_op", "out_op")
 
@@ -46,6 +54,7 @@ class TransformedWeight(QuantizedWeight):
             output_scale = _exact(output_scale, torch.float16, "output_scale")
         self.register_buffer("input_scale", input_scale)
         self.register_buffer("output_scale", output_scale)
+        self.fast_ops = None  # (in, out) transforms of the kernel layout
 
     @property
     def layout(self) -> str:
@@ -68,6 +77,8 @@ class TransformedWeight(QuantizedWeight):
         return W if self.output_scale is None else W * self.output_scale.float()[:, None]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fast_ops is not None:
+            return self._kernel_forward(x, bias)
         dtype = x.dtype
         x = x.float()
         if self.input_scale is not None:
@@ -81,13 +92,37 @@ class TransformedWeight(QuantizedWeight):
         y = y.to(dtype)
         return y if bias is None else y + bias.to(dtype)
 
-    def with_layout(self, layout: str) -> "TransformedWeight":
+    def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        fast_in, fast_out = self.fast_ops
+        dtype = x.dtype
+        x = x.to(fast_in.dtype)
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        coefficients = fast_in.analysis(x)
+        if self.coefficient_quantizer is not None:
+            coefficients = self.coefficient_quantizer(coefficients)
+        y = fast_out.synthesis(self.inner(coefficients))
+        if self.output_scale is not None:
+            y = y * self.output_scale.to(y.dtype)
+        y = y.to(dtype)
+        return y if bias is None else y + bias.to(dtype)
+
+    def with_layout(self, layout: str, *, device=None, dtype: torch.dtype = torch.float16,
+                    transforms: str = "fast") -> "TransformedWeight":
+        """``transforms`` (kernel layout): ``fast`` (Kronecker-factored matmuls, any device) or ``triton``
+        (one fused kernel per direction, CUDA; ``fast`` where it does not apply, with the reason logged)."""
         check_layout(layout)
-        if layout == self.layout:
+        if layout == self.layout and layout != "kernel":
             return self
-        clone = TransformedWeight(self.inner.with_layout(layout), self.in_op, self.out_op, self.input_scale,
-                                  self.coefficient_quantizer, self.output_scale)
+        inner = self.inner.with_layout(layout, device=device, dtype=dtype)
+        clone = TransformedWeight(inner, self.in_op, self.out_op, self.input_scale, self.coefficient_quantizer,
+                                  self.output_scale)
         _copy_identity(self, clone)
+        if device is not None:
+            clone = clone.to(device)
+        if inner.layout == "kernel":
+            target = next(clone.inner.buffers()).device if device is None else device
+            clone.fast_ops = tuple(_fast_transform(op, target, dtype, transforms) for op in (self.in_op, self.out_op))
         return clone
 
     # --- storage ------------------------------------------------------------------------
@@ -149,6 +184,22 @@ class TransformedWeight(QuantizedWeight):
         if meta.get("coefficient_quantizer"):
             quantizer = quantizer_from_state(sub_state(tensors, "coefficient_quantizer"), meta["coefficient_quantizer"])
         return cls(inner, ops["in_op"], ops["out_op"], tensors.get("input_scale"), quantizer, tensors.get("output_scale"))
+
+
+def _fast_transform(op: FrameOperator, device, dtype: torch.dtype, kind: str):
+    from fqbench.kernels.fast_transform import FastTransform
+
+    if kind == "triton":
+        from fqbench.kernels.triton_transform import TritonTransform, triton_problem
+
+        problem = "it needs CUDA" if torch.device(device).type != "cuda" else triton_problem(op)
+        if problem is None:
+            return TritonTransform.from_operator(op, device, dtype)
+        log.warning("fused Triton transform not used for %s (%s): Kronecker-factored matmuls instead", op.describe(),
+                    problem)
+    elif kind != "fast":
+        raise ValueError(f"transforms={kind!r}: choose fast or triton")
+    return FastTransform.from_operator(op, device, dtype)
 
 
 def _operator(side: str, tensors: dict, recorded: dict | None) -> FrameOperator:

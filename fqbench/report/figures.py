@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fqbench.report.match import IGNORED_METHOD_KEYS, Recipes, _same, _without, metric_value, select  # noqa: E402
 from fqbench.report.paper import paper_value  # noqa: E402
-from fqbench.report.specs import LLM_ROWS, METRICS, MODEL_SIZES, MODELS  # noqa: E402
+from fqbench.report.specs import LLM_PRESET, METRICS, MODEL_SIZES, MODELS, VariantRows, preset_axes  # noqa: E402
 
 PRIMARY_METRICS = ("top1", "wikitext2", "c4", "pystdlib", "ptb")
 FIGURES = ("accuracy_vs_redundancy", "accuracy_vs_clip", "perplexity_vs_size", "pareto")
@@ -117,7 +117,7 @@ def _model_size(records, recipes):
     paper_tables = {"wikitext2": "table5", "c4": "table13"}
     for ax, metric in zip(axes, metrics):
         drawn = False
-        for color, row in zip(colors, LLM_ROWS):
+        for color, row in zip(colors, VariantRows().lines(preset_axes(LLM_PRESET))):
             ours, paper = [], []
             for model, size in MODEL_SIZES.items():
                 values = [metric_value(r, METRICS[metric])

@@ -64,6 +64,7 @@ class Cell:
     paper: PaperValue | None = None
     records: list[str] = field(default_factory=list)  # record directories averaged into ``ours``
     source: str = ""  # "fp baseline of a quantized run" when the FP cell came from one
+    flagged: bool = False  # a full-precision cell far from the paper's: a different setup (see report.render)
 
     @property
     def diff(self) -> float | None:

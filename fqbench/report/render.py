@@ -12,6 +12,10 @@ from fqbench.report.paper import paper_value
 from fqbench.report.specs import TableSpec
 
 MISSING = "–"
+FLAG = "⚠"
+# A full-precision cell this far from the paper's measures a different setup (tokenizer, context length,
+# evaluation text, checkpoint), not quantization: the report flags it (docs/lm.md, "Tokenizers").
+FP_TOLERANCE = 0.05
 
 
 @dataclass
@@ -30,6 +34,8 @@ def build(spec: TableSpec, records: list[dict], recipes: Recipes | None = None) 
         for column in spec.columns:
             cell = fill(spec.selection(row, column), records, recipes)
             cell.paper = paper_value(spec.id, row.id, column.id)
+            cell.flagged = (row.select.get("variant") == "fp" and cell.diff is not None and cell.paper.value
+                            and abs(cell.diff) > FP_TOLERANCE * abs(cell.paper.value))
             cells[(row.id, column.id)] = cell
     return FilledTable(spec, cells)
 
@@ -56,13 +62,15 @@ def cell_text(cell: Cell) -> str:
         return ""
     paper = cell.paper.text if cell.paper else MISSING
     text = f"{number(cell.ours)} / {paper}"
-    return text + f" ({signed(cell.diff)})" if cell.diff is not None else text
+    text = text + f" ({signed(cell.diff)})" if cell.diff is not None else text
+    return text + f" {FLAG}" if cell.flagged else text
 
 
 def to_markdown(table: FilledTable) -> str:
     spec = table.spec
     lines = [f"**{spec.id}**: {spec.title}. Each cell: ours / paper (ours − paper); {MISSING}: not measured or "
-             f"not published. Preset: `python -m fqbench -m experiment={spec.preset}`.", ""]
+             f"not published. " + (f"Filled by: `{spec.preset}`." if spec.axes_from else
+                                   f"Preset: `python -m fqbench -m experiment={spec.preset}`."), ""]
     header = list(spec.row_header) + [_column_label(spec, c) for c in spec.columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -70,6 +78,10 @@ def to_markdown(table: FilledTable) -> str:
         cells = [row.label, *row.cells][: len(spec.row_header)]
         cells += [cell_text(table.cell(row.id, c.id)) for c in spec.columns]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(cell.flagged for cell in table.cells.values()):
+        lines += ["", f"{FLAG} full precision more than {FP_TOLERANCE:.0%} away from the paper's: a different tokenizer, "
+                      "context length, evaluation text or checkpoint (records carry `tokenizer` and `eval_tokens`; "
+                      "docs/lm.md, \"Tokenizers change the numbers\")."]
     return "\n".join(lines) + "\n"
 
 
