@@ -98,14 +98,19 @@ def write_record(directory: str | os.PathLike, record: dict) -> Path:
 
     Strict JSON: NaN/Inf numbers are written as null, their dotted paths listed under ``non_finite``.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RECORD_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".result.", suffix=".tmp")
+    return write_json(Path(directory) / RECORD_NAME, record)
+
+
+def write_json(path: str | os.PathLike, value) -> Path:
+    """Write ``value`` (a dict or a list) as strict JSON atomically, creating the folder; NaN/Inf numbers become
+    null, and a dict lists their dotted paths under ``non_finite``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        payload = _jsonable(record)
-        if nonfinite_paths(record):
-            payload["non_finite"] = nonfinite_paths(record)
+        payload = _jsonable(value)
+        if isinstance(value, dict) and nonfinite_paths(value):
+            payload["non_finite"] = nonfinite_paths(value)
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, allow_nan=False)
             f.flush()

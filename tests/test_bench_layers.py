@@ -43,3 +43,12 @@ def test_layer_benchmark_on_every_linear_of_a_pretrained_model(tmp_path, capsys,
     assert all(r["error_vs_gptq"] == 1.0 for r in rows if r["method"] == "gptq")
     summary = capsys.readouterr().out
     assert "| 14 layers | quip_sharp |" in summary and "| 14 layers | gptq | " in summary
+
+
+def test_methods_option_replaces_the_default_list_and_keeps_gptq(tmp_path):
+    out = tmp_path / "rows.json"
+    main(["--shapes", "48x64", "--bits", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out),
+          "--methods", "framequant:clip_sigma=auto", "framequant:clip_sigma=auto,grid_fit=mse"])
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["gptq", "framequant clip_sigma=auto", "framequant clip_sigma=auto grid_fit=mse"]
+    assert all(r["bits_per_weight"] > 4 for r in rows)

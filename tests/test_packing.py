@@ -68,6 +68,7 @@ LAYER_CASES = [
     ("framequant", {"bits": 2, "redundancy": 1.1}),
     ("framequant", {"bits": 3, "redundancy": 1.1, "redundancy_sides": "input", "zero_point": "float"}),
     ("framequant", {"bits": 2, "redundancy": 1.0, "act_bits": 8, "denoise": True}),
+    ("framequant", {"bits": 3, "redundancy": 1.1, "clip_sigma": "auto", "grid_fit": "mse", "normalize_rows": True}),
     ("fp", {}),
 ]
 

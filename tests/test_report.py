@@ -11,7 +11,7 @@ from fqbench.app import CONF_DIR, build_method
 from fqbench.records import config_hash, write_record
 from fqbench.report import TABLES, build, finished_records, paper_numbers, paper_value, to_csv, to_latex, to_markdown
 from fqbench.report.__main__ import main as report_main
-from fqbench.report.figures import FIGURES, write_figures
+from fqbench.report.figures import FIGURES, _series, write_figures
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +135,18 @@ def test_figures_from_sweeps(tmp_path, make_record):
                                        nominal_bits=2 * float(r)))
         for clip in (1.0, 2.0, 3.0):
             records.append(make_record(model, ["variant=fq_w2_r1.1", f"method.clip_sigma={clip}"], {"top1": base + clip}))
+        records.append(make_record(model, ["variant=fq_w2_r1.1", "method.clip_sigma=auto"], {"top1": base + 2.5}))
         for bits in (2, 3, 4):
             records.append(make_record(model, [f"variant=gptq_w{bits}"], {"top1": base * bits / 4},
                                        bits_per_weight=bits + 0.25, nominal_bits=bits))
+            records.append(make_record(model, [f"variant=fq_auto_w{bits}"], {"top1": base * bits / 3.5},
+                                       bits_per_weight=bits + 0.4, nominal_bits=bits))
+        for budget in ("2.25", "2.5", "3.0"):
+            for variant in ("gptq_mixed", "fq_budget"):
+                records.append(make_record(model, [f"variant={variant}{budget}"], {"top1": base + float(budget)},
+                                           bits_per_weight=float(budget), nominal_bits=float(budget)))
+    assert {_series(r) for r in records} == {"framequant", "framequant (auto clip)", "framequant (budget)", "gptq",
+                                             "gptq (mixed precision)"}
     paths = write_figures(records, tmp_path)
     assert [p.name for p in paths] == [f"{name}.png" for name in FIGURES]
     assert all(p.stat().st_size > 10_000 for p in paths)

@@ -2,6 +2,7 @@
 
     python -m fqbench.bench layers --shapes 768x768,3072x768,4096x4096 --bits 2
     python -m fqbench.bench layers --model DIR --bits 2     # every linear of a pretrained causal LM
+    python -m fqbench.bench layers --model DIR --bits 4 --methods gptq framequant:clip_sigma=auto
 
 Every method quantizes the same synthetic LLM-like layer (heavy-tailed weights,
 correlated activations with a few outlier channels) in one process; the table
@@ -13,19 +14,22 @@ With ``--model``, the layers are the linears of a pretrained causal LM (e.g. the
 stories260K), their Hessians from the full-precision model's inputs on text it samples
 (calibration seed), the error on inputs from other samples (held-out seed); the table
 summarises every method over all layers (geometric mean of the per-layer error ratios).
+``--methods`` replaces the default methods (``name:option=value,...`` as in ``lm_samples``; GPTQ,
+the baseline of the ratios, is always run).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from fqbench.bench.gptq_reference import reference_gptq
+from fqbench.bench.lm_samples import parse_method
 from fqbench.methods import build_method
+from fqbench.records import write_json
 
 DEFAULT_METHODS = [
     ("rtn", {}),
@@ -37,6 +41,7 @@ DEFAULT_METHODS = [
     ("quip_clip", {}),
     ("quip_sharp", {}),
     ("framequant", {"redundancy": 1.0}),
+    ("framequant", {"redundancy": 1.0, "clip_sigma": "auto"}),
     ("framequant", {"redundancy": 1.1}),
     ("framequant", {"redundancy": 1.1, "redundancy_sides": "input"}),
 ]
@@ -192,26 +197,31 @@ def main(argv=None):
     parser.add_argument("--eval", type=int, default=16, help="--model: held-out windows")
     parser.add_argument("--seqlen", type=int, default=256, help="--model: tokens per window")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", help="name:option=value,... per method (default: the built-in list)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = DEFAULT_METHODS
+    if args.methods:
+        methods = [parse_method(spec) for spec in args.methods]
+        methods = [m for m in methods if m != ("gptq", {})]
+        methods.insert(0, ("gptq", {}))
 
     all_rows = []
     if args.model:
         for name, W, H, X in pretrained_layers(args.model, args.calib, args.eval, args.seqlen):
-            all_rows += bench_layer(W, H, X, f"{name} {W.shape[0]}x{W.shape[1]}", args.bits, DEFAULT_METHODS,
+            all_rows += bench_layer(W, H, X, f"{name} {W.shape[0]}x{W.shape[1]}", args.bits, methods,
                                     args.device, args.repeats, args.warmup)
         print(format_table(summarize(all_rows)), flush=True)
     else:
         for shape in args.shapes.split(","):
             out_features, in_features = (int(v) for v in shape.lower().split("x"))
             W, H, X = llm_like_layer(out_features, in_features, args.samples or 2 * in_features)
-            rows = bench_layer(W, H, X, shape, args.bits, DEFAULT_METHODS, args.device, args.repeats, args.warmup)
+            rows = bench_layer(W, H, X, shape, args.bits, methods, args.device, args.repeats, args.warmup)
             print(format_table(rows), flush=True)
             all_rows += rows
     print(f"\ndevice: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, bits {args.bits}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in all_rows], f, indent=1)
+        write_json(args.json, [asdict(r) for r in all_rows])
     return all_rows

@@ -1,6 +1,7 @@
 """Methods compared on a causal LM's own text: perplexity of stories it samples, after quantization.
 
     python -m fqbench.bench lm_samples --model DIR [--methods gptq:bits=2 framequant:bits=2,redundancy=1.1 ...]
+    python -m fqbench.bench lm_samples --model DIR --methods gptq:budget_bits=2.5,budget_bit_widths=2/3/4
 
 For a pretrained model with no matching evaluation set on disk (stories260K, a
 TinyStories model), text sampled from the full-precision model at temperature 1
@@ -18,20 +19,24 @@ import time
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``name:key=value,key=value`` -> (name, options); values are int, float, None or str."""
+    """``name:key=value,key=a/b/c`` -> (name, options); values are int, float, None or str, and ``a/b/c`` a list."""
     name, _, options = spec.partition(":")
     parsed = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                parsed[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            parsed[key] = None if value in ("null", "None") else value
+        parsed[key] = [_value(v) for v in value.split("/")] if "/" in value else _value(value)
     return name, parsed
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    if text in ("true", "false"):
+        return text == "true"
+    return None if text in ("null", "None") else text
 
 
 def sample(model, tokenizer, count: int, seqlen: int, seed: int):
@@ -56,6 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="also write every method's result and per-layer records to this JSON file")
     args = parser.parse_args(argv)
 
     import torch
@@ -74,6 +80,7 @@ def main(argv=None) -> None:
     print(f"{args.model}: {args.calib} calibration and {args.eval} evaluation windows of {args.seqlen} sampled tokens")
     print(f"{'method':42s} {'ppl':>9s} {'x FP':>7s} {'bits/w':>7s} {'nominal':>7s} {'seconds':>7s}")
     print(f"{'fp':42s} {fp:9.3f} {1:7.2f} {32:7.3f} {32:7.3f}")
+    results = [{"method": "fp", "ppl": fp}]
     for spec in args.methods:
         name, options = parse_method(spec)
         method = build_method(name, **options)
@@ -86,6 +93,13 @@ def main(argv=None) -> None:
         summary = summarize(records)
         print(f"{spec:42s} {ppl:9.3f} {ppl / fp:7.2f} {summary['bits_per_weight']:7.3f} {summary['nominal_bits']:7.3f}"
               f" {seconds:7.1f}", flush=True)
+        results.append({"method": spec, "ppl": ppl, "seconds": seconds, **summary,
+                        "layers": [record.to_dict() for record in records]})
+    if args.json:
+        from fqbench.records import write_json
+
+        write_json(args.json, {"model": args.model, "calib": args.calib, "eval": args.eval, "seqlen": args.seqlen,
+                               "seed": args.seed, "results": results})
 
 
 if __name__ == "__main__":

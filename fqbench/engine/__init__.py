@@ -5,12 +5,13 @@
 """
 
 from fqbench.engine.capture import (
-    BlockInputs, accumulate_hessians, capture_block_inputs, discover_groups, run_block, tap_linears,
+    BlockInputs, accumulate_hessians, capture_block_inputs, discover_groups, enter_block, run_block, tap_linears,
 )
+from fqbench.engine.planning import Plan, plan_budget
 from fqbench.engine.sequential import (
     BlockContext, Quantized, install, layer_record, quantize_blocks, quantize_model, summarize,
 )
 
-__all__ = ["BlockContext", "BlockInputs", "Quantized", "accumulate_hessians", "capture_block_inputs",
-           "discover_groups", "install", "layer_record", "quantize_blocks", "quantize_model", "run_block",
-           "summarize", "tap_linears"]
+__all__ = ["BlockContext", "BlockInputs", "Plan", "Quantized", "accumulate_hessians", "capture_block_inputs",
+           "discover_groups", "enter_block", "install", "layer_record", "plan_budget", "quantize_blocks",
+           "quantize_model", "run_block", "summarize", "tap_linears"]

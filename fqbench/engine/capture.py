@@ -8,6 +8,7 @@
   itself (Swin V2, EVA and BEiT add the q/v biases that way): the weight is swapped for a
   tensor that reports the input of every ``F.linear`` it takes part in.
 - ``accumulate_hessians``: ``H = (2/N) sum x x^T`` in float64 for named linears, through taps.
+- ``enter_block``: a block on the accelerator with its inputs and its (discovered) groups of linears.
 - ``discover_groups``: a block's linears in call order, grouped by shared input (q/k/v;
   gate/up), leaving out linears whose input does not depend on the block's input.
 """
@@ -145,6 +146,18 @@ def linear_names(block: nn.Module) -> list[str]:
             if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")
                                                  and getattr(module, "weight", None) is not None
                                                  and isinstance(module._parameters.get("weight"), torch.Tensor))]
+
+
+def enter_block(block: Block, index: int, inputs: BlockInputs, device,
+                block_kwargs: Callable[[int, dict], dict]) -> tuple[Block, BlockInputs, torch.device]:
+    """Move block ``index`` to ``device`` and give it its inputs (keyword arguments as the adapter says) and
+    its groups of linears (discovered when the layout does not name them); returns where it came from."""
+    home = next(block.module.parameters()).device
+    block.module.to(device)
+    block_inputs = BlockInputs(inputs.args, [block_kwargs(index, kw) for kw in inputs.kwargs])
+    if block.groups is None:
+        block = block.with_groups(discover_groups(block.module, block_inputs.args[0], block_inputs.kwargs[0]))
+    return block, block_inputs, home
 
 
 def discover_groups(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[str, ...], ...]:

@@ -9,7 +9,9 @@
    - block methods: hand the block, its inputs and its full-precision outputs to the method.
 3. Re-run the block with its quantized weights: its outputs are the next block's inputs.
 
-Model methods calibrate on the whole model instead (``quantize_model`` dispatches).
+A layer method with a bit budget (``budget_bits``) is first measured on the full-precision model
+and allocated one option per layer (``fqbench.engine.planning``); step 2 then quantizes each
+layer with its planned option. Model methods calibrate on the whole model instead (``quantize_model`` dispatches).
 Only the current block and the activations live on the accelerator; the rest of the model
 stays where it is (CPU), so the peak accelerator memory is one block plus activations.
 """
@@ -24,9 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fqbench.engine.capture import (
-    BlockInputs, accumulate_hessians, capture_block_inputs, discover_groups, run_block,
-)
+from fqbench.engine.capture import BlockInputs, accumulate_hessians, capture_block_inputs, enter_block, run_block
+from fqbench.engine.planning import Plan, plan_budget
 from fqbench.finite import NonFiniteError, all_finite
 from fqbench.models.adapter import Block
 from fqbench.quant.checks import proxy_error
@@ -73,22 +74,22 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method, *, dev
     """Quantize every block in order with a layer or block method; the next block sees this one's quantized outputs.
 
     ``layers`` holds every ``QuantizedWeight`` (moved to CPU) when ``keep_layers`` is set (for saving
-    packed models), else it is empty.
+    packed models), else it is empty. A layer method with a ``bit_budget`` is planned first.
     """
+    plan = None
+    if method.tier == "layer" and method.bit_budget is not None:
+        plan = plan_budget(blocks, inputs, method, device=device, seed=seed, true_sequential=true_sequential,
+                           progress=progress, block_kwargs=block_kwargs)
     result = Quantized([], {})
     bar = tqdm(blocks, desc=f"quantizing ({method.name})", unit="block", disable=not progress)
     for index, block in enumerate(bar):
         start = time.perf_counter()
-        home = next(block.module.parameters()).device
-        block.module.to(device)
-        block_inputs = BlockInputs(inputs.args, [block_kwargs(index, kw) for kw in inputs.kwargs])
-        if block.groups is None:
-            block = block.with_groups(discover_groups(block.module, block_inputs.args[0], block_inputs.kwargs[0]))
+        block, block_inputs, home = enter_block(block, index, inputs, device, block_kwargs)
         if method.tier == "block":
             context = BlockContext(run_block(block.module, block_inputs), torch.device(device), seed, true_sequential)
             records, layers = method.quantize_block(block, block_inputs, context)
         else:
-            records, layers = _quantize_linears(block, block_inputs, method, seed, true_sequential)
+            records, layers = _quantize_linears(block, block_inputs, method, seed, true_sequential, plan)
         result.records.extend(records)
         outputs = run_block(block.module, block_inputs)
         if not all(all_finite(h) for h in outputs):
@@ -104,7 +105,8 @@ def quantize_blocks(blocks: Sequence[Block], inputs: BlockInputs, method, *, dev
     return result
 
 
-def _quantize_linears(block: Block, inputs: BlockInputs, method, seed: int, true_sequential: bool):
+def _quantize_linears(block: Block, inputs: BlockInputs, method, seed: int, true_sequential: bool,
+                      plan: Plan | None = None):
     records, layers = [], {}
     groups = block.groups if true_sequential else (tuple(block.linears()),)
     for group in groups:
@@ -113,13 +115,17 @@ def _quantize_linears(block: Block, inputs: BlockInputs, method, seed: int, true
             full_name = f"{block.name}.{name}"
             linear = block.module.get_submodule(name)
             W = linear.weight.data
+            layer_method = method if plan is None else plan.method_for(full_name)
             try:
-                layer = method.quantize(W.float(), hessians[name], seed=derive_seed(seed, full_name))
+                layer = layer_method.quantize(W.float(), hessians[name], seed=derive_seed(seed, full_name))
             except (ValueError, RuntimeError) as error:  # name the layer: the method's checks see only W and H
                 kind = ValueError if isinstance(error, ValueError) else RuntimeError
                 raise kind(f"layer {full_name}: {error}") from error
             install(block.module, name, layer)
-            records.append(layer_record(full_name, W, layer, hessians[name]))
+            record = layer_record(full_name, W, layer, hessians[name])
+            if plan is not None:
+                record.extra.update(plan.describe(full_name))
+            records.append(record)
             layers[full_name] = layer
     return records, layers
 

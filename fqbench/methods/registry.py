@@ -4,7 +4,9 @@ A method is a class with a ``Config`` dataclass (what Hydra composes and type-ch
 registered in Hydra's ConfigStore as ``method/<name>_schema``) and one of three tiers, which the
 engine dispatches on explicitly (``fqbench.engine.quantize_model``):
 
-- ``LayerMethod``: ``quantize(W, H)`` -> a ``QuantizedWeight``; sees one linear layer at a time;
+- ``LayerMethod``: ``quantize(W, H)`` -> a ``QuantizedWeight``; sees one linear layer at a time; with a
+  ``bit_budget`` (a ``budget_bits`` option) the engine first measures the method's options on every
+  layer and then quantizes each layer with the option it was allocated (``for_layer``);
 - ``BlockMethod``: ``quantize_block(block, inputs, context)``; sees a whole block with its captured
   inputs and full-precision outputs (block-wise reconstruction, fine-tuning, weight-and-activation
   methods whose activation quantizers are part of the stored model);
@@ -26,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fqbench.quant.allocation import BitBudget
 from fqbench.quant.checks import validate_layer_inputs
 from fqbench.quantized import QuantizedWeight
 
@@ -108,6 +111,17 @@ class LayerMethod(Method):
 
     def _quantize(self, W: torch.Tensor, H: torch.Tensor, seed: int) -> QuantizedWeight:
         raise NotImplementedError
+
+    @property
+    def bit_budget(self) -> BitBudget | None:
+        """Honest bits per weight for the whole model and the per-layer options to meet them with
+        (None: every layer is quantized alike)."""
+        return None
+
+    def for_layer(self, options: dict) -> "LayerMethod":
+        """This method with one layer's allocated options and no budget of its own (a method with a
+        ``bit_budget`` has a ``budget_bits`` config option)."""
+        return type(self)(dataclasses.replace(self.config, budget_bits=None, **options))
 
 
 class BlockMethod(Method):

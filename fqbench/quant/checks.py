@@ -45,9 +45,13 @@ def _describe(t) -> str:
 
 def proxy_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Relative proxy error ``tr(dW H dW^T) / tr(W H W^T)`` in float64."""
+    den = output_error(W, torch.zeros_like(W), H)
+    return output_error(W, W_hat, H) / den if den > 0 else float("nan")
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(dW H dW^T)`` in float64: the squared output error per calibration token (times 2)."""
     H = H.to(torch.float64)
     W = W.to(H.device, torch.float64)
     dW = W - W_hat.to(H.device, torch.float64)
-    num = ((dW @ H) * dW).sum()
-    den = ((W @ H) * W).sum()
-    return float(num / den) if den > 0 else float("nan")
+    return float(((dW @ H) * dW).sum())

@@ -13,7 +13,14 @@ code ``q = clamp(round(w / scale_i + zero_i), 0, 2^bits - 1)`` and the value
   reference implementation (at 2 bits this shifts the four levels off centre);
   ``zero_point="float"`` keeps the grid centred on the row mean;
 - ``quip``: QuIP's grid: ``2^bits`` evenly spaced levels on ``[-s, s]`` with
-  ``s = 2.4 * RMS`` over the whole block (one scale shared by all rows).
+  ``s = 2.4 * RMS`` over the whole block (one scale shared by all rows);
+- ``lloyd``: the uniform grid of least squared error per row: Lloyd's algorithm
+  restricted to evenly spaced levels (round to the grid, then refit scale and
+  zero point by least squares; neither step increases the error), started from
+  the best of the min-max grid and centred sigma grids (``clip_sigma``, and the
+  optimum for a Gaussian row). ``zero_point="integer"``
+  then rounds the zero point and refits the scale alone (a zero point costs
+  ``bits`` instead of 16 bits per row).
 
 Scales (and float zero points) are rounded to ``scale_dtype`` when fitted:
 float16 by default, what a packed model stores, so the fake-quantized and the
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-GRID_KINDS = ("minmax", "sigma", "quip")
+GRID_KINDS = ("minmax", "sigma", "quip", "lloyd")
 ZERO_POINTS = ("integer", "float")
 SCALE_DTYPES = ("float16", "float32")
 
@@ -76,7 +83,7 @@ class GridSpec:
         """Whether zero points are integers (stored at ``bits`` bits) rather than float16."""
         if self.kind == "minmax":
             return not self.symmetric
-        if self.kind == "sigma":
+        if self.kind in ("sigma", "lloyd"):
             return self.zero_point == "integer"
         return False
 
@@ -92,6 +99,8 @@ class GridSpec:
             scale, zero = _fit_minmax(w, self.maxq, self.symmetric, self.mse)
         elif self.kind == "sigma":
             scale, zero = _fit_sigma(w, self.maxq, self.clip_sigma, self.zero_point == "integer")
+        elif self.kind == "lloyd":
+            scale, zero = _fit_lloyd(w, self.maxq, self.clip_sigma, self.zero_point == "integer")
         else:
             scale, zero = _fit_quip(w, self.maxq)
         if self.scale_dtype == "float16":
@@ -198,3 +207,61 @@ def _fit_quip(w: torch.Tensor, maxq: int):
     scale = torch.full((w.shape[0],), float(2 * s / maxq), device=w.device)
     zero = torch.full_like(scale, maxq / 2)
     return scale, zero
+
+
+# The clip (outer level, in standard deviations) of the least-squared-error uniform quantizer of a
+# Gaussian, by bit width (Max 1960: optimum steps 1.596, 0.996, 0.586, 0.335, 0.188, 0.104, 0.057, 0.031).
+GAUSSIAN_OPTIMAL_CLIP = {1: 0.798, 2: 1.494, 3: 2.051, 4: 2.514, 5: 2.916, 6: 3.278, 7: 3.611, 8: 3.925}
+
+
+LLOYD_TOLERANCE = 1e-2
+
+
+def _fit_lloyd(w: torch.Tensor, maxq: int, sigma: float, integer_zero: bool, iterations: int = 10):
+    """Per row, the evenly spaced grid ``scale * (q - zero)`` of least ``sum (w - w_hat)^2``.
+
+    Starts from the best per row of the min-max grid, the centred ``sigma`` grid and the centred
+    grid optimal for a Gaussian row, then alternates rounding to the grid with the least-squares
+    fit of ``w ~ a q + b`` on the codes (``scale = a``, ``zero = -b / a``).
+    Neither step raises the error, so the result is never worse than its start; it stops when an
+    iteration lowers the total error by less than ``LLOYD_TOLERANCE``.
+    """
+    gaussian = GAUSSIAN_OPTIMAL_CLIP[int(maxq + 1).bit_length() - 1]
+    starts = [_fit_minmax(w, maxq, symmetric=False, mse=False)]
+    starts += [_fit_sigma(w, maxq, c, False) for c in dict.fromkeys((sigma, gaussian))]
+    scale, zero = starts[0]
+    error = _squared_error(w, scale, zero, maxq)
+    for start_scale, start_zero in starts[1:]:
+        start_error = _squared_error(w, start_scale, start_zero, maxq)
+        better = start_error < error
+        scale, zero = torch.where(better, start_scale, scale), torch.where(better, start_zero, zero)
+        error = torch.where(better, start_error, error)
+    previous = float(error.sum())
+    q = AffineGrid(scale, zero, maxq, integer_zero=False).encode(w)
+    for _ in range(iterations):
+        q_centred = q - q.mean(dim=1, keepdim=True)
+        variance = q_centred.square().sum(dim=1)
+        fitted = (q_centred * w).sum(dim=1) / variance.clamp(min=1e-30)
+        usable = (variance > 0) & (fitted > 0)  # rows on one code keep their grid
+        offset = w.mean(dim=1) - fitted * q.mean(dim=1)
+        scale = torch.where(usable, fitted, scale)
+        zero = torch.where(usable, -offset / torch.where(usable, fitted, torch.ones_like(fitted)), zero)
+        grid = AffineGrid(scale, zero, maxq, integer_zero=False)
+        q = grid.encode(w)
+        current = float((grid.decode(q) - w).square().sum())
+        if current > previous * (1 - LLOYD_TOLERANCE):
+            break  # converged: from a Gaussian-like start the iterations gain a fraction of a percent
+        previous = current
+    if integer_zero:
+        zero = zero.round().clamp(0, maxq)
+        for _ in range(iterations // 2):
+            steps = AffineGrid(scale, zero, maxq, integer_zero=False).encode(w) - zero[:, None]
+            power = steps.square().sum(dim=1)
+            fitted = (steps * w).sum(dim=1) / power.clamp(min=1e-30)
+            scale = torch.where((power > 0) & (fitted > 0), fitted, scale)
+    return scale, zero
+
+
+def _squared_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    grid = AffineGrid(scale, zero, maxq, integer_zero=False)
+    return (grid.decode(grid.encode(w)) - w).square().sum(dim=1)

@@ -59,6 +59,7 @@ class SolverResult:
     dequantized: torch.Tensor  # (rows, cols) float32, original column order
     damping: float  # relative damping actually used (fraction of the mean diagonal)
     hinv_dtype: torch.dtype  # dtype the inverse Cholesky factor was computed in
+    loss: float  # tr(dW H_d dW^T) with H_d the damped Hessian the solver factored (free: the squared scaled errors)
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, dtype=torch.float32):
@@ -91,44 +92,62 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, dtype=torch.float32):
     )
 
 
+@dataclass
+class HessianFactor:
+    """What the solver derives from ``H`` alone, so that several solves on one Hessian factor it once."""
+
+    U: torch.Tensor  # upper Cholesky factor of (H_d)^-1 in solve order, float32
+    damping: float
+    dtype: torch.dtype
+    perm: torch.Tensor | None  # act-order permutation
+    dead: torch.Tensor  # inputs that are never active (zero diagonal): their columns are zeroed
+
+
+def factor_hessian(H: torch.Tensor, options: SolverOptions = SolverOptions()) -> HessianFactor:
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diag(H), descending=True) if options.act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    U, damping, dtype = inverse_cholesky(H, options.percdamp)
+    return HessianFactor(U.to(torch.float32), damping, dtype, perm, dead)
+
+
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
-               options: SolverOptions = SolverOptions()) -> SolverResult:
+               options: SolverOptions = SolverOptions(), factor: HessianFactor | None = None) -> SolverResult:
     """Quantize ``W`` (rows, cols) with ``quantizer`` minimising ``tr(dW H dW^T)``, ``quantizer.width``
-    columns at a time.
+    columns at a time (``factor``: ``factor_hessian(H, options)`` when already computed).
 
     One column (scalar grids): its error ``(w - q) / U[i, i]`` updates the later columns with
     ``U[i, i+1:]``. A group of ``g`` columns quantized jointly (a vector codebook): the error
     ``E = U_bb^-T (w_b - q_b)`` (a triangular solve with the group's g x g block of U) updates
     the later columns with ``U[b, later]`` (BlockLDLQ; with g = 1 it is the scalar rule). When the
     columns are not a multiple of g, the last group is narrower.
+
+    ``W - Q = U^T E`` for the scaled errors ``E`` and ``U H_d U^T = I``, so the proxy loss
+    ``tr(dW H_d dW^T)`` is ``||E||^2``, summed as the solve goes.
     """
     rows, cols = W.shape
     width = quantizer.width
     if options.blocksize % width:
         raise ValueError(f"a quantizer of {width} columns at a time needs the blocksize ({options.blocksize}) "
                          f"to be a multiple of {width}")
+    factor = factor_hessian(H, options) if factor is None else factor
     W = W.to(torch.float32).clone()
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    perm = None
-    if options.act_order:
-        perm = torch.argsort(torch.where(dead, torch.ones_like(torch.diag(H)), torch.diag(H)), descending=True)
-    quantizer.prepare(W, perm, dead.to(W.device))
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    perm = factor.perm
+    quantizer.prepare(W, perm, factor.dead.to(W.device))
+    W[:, factor.dead] = 0
     if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
-
-    U, damping, hinv_dtype = inverse_cholesky(H, options.percdamp)
-    U = U.to(W.device, torch.float32)
-    del H
+    U, damping, hinv_dtype = factor.U.to(W.device), factor.damping, factor.dtype
 
     # Work on W^T so that a column of W is a contiguous row: the per-column
     # reads, writes and rank-one updates then stream through memory.
     WT = W.T.contiguous()
     del W
     QT = torch.empty_like(WT)
+    loss = 0.0
 
     for i1 in range(0, cols, options.blocksize):
         i2 = min(i1 + options.blocksize, cols)
@@ -148,8 +167,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer,
                 W1[j:].addmm_(U1[i:j, j:].T, err, alpha=-1)
                 Err1[i:j] = err
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+        loss += float(Err1.to(torch.float64).square().sum())
 
     Q = QT.T
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return SolverResult(quantizer.finish(), Q.contiguous(), damping, hinv_dtype)
+    return SolverResult(quantizer.finish(), Q.contiguous(), damping, hinv_dtype, loss)

@@ -1,6 +1,6 @@
 """A quantized weight in a transformed space: rotations or tight fusion frames around an inner weight.
 
-``W_hat = A_out^T D_hat A_in diag(input_scale)``, with ``D_hat`` any quantized weight (a grid
+``W_hat = diag(output_scale) A_out^T D_hat A_in diag(input_scale)``, with ``D_hat`` any quantized weight (a grid
 for FrameQuant and QuIP, a codebook for QuIP#) on the transform coefficients. The forward pass
 runs in the transformed space and never forms a dense d x d matrix: analysis of the input
 (optionally quantized per token there: paper Appendix F), ``D_hat``, synthesis of the output.
@@ -12,7 +12,8 @@ direction (``transforms="triton"``, CUDA), in the kernel's dtype.
 Stored: the inner weight's tensors under ``inner.``; per side ``in_op.spec`` / ``out_op.spec``
 (int32: dim, block, rotation kind, seed) and ``in_op.redundancy`` / ``out_op.redundancy``
 (float64, NaN for a rotation without a frame), from which the operators are regenerated;
-``input_scale`` (float16, QuIP's channel rescaling); and the coefficient quantizer's tensors
+``input_scale`` (float16, QuIP's channel rescaling); ``output_scale`` (float16, FrameQuant's
+optional row normalisation); and the coefficient quantizer's tensors
 under ``coefficient_quantizer.``.
 """
 
@@ -37,7 +38,8 @@ SIDES = ("in_op", "out_op")
 @register_weight_kind("transformed")
 class TransformedWeight(QuantizedWeight):
     def __init__(self, inner: QuantizedWeight, in_op: FrameOperator, out_op: FrameOperator,
-                 input_scale: torch.Tensor | None = None, coefficient_quantizer: ActivationQuantizer | None = None):
+                 input_scale: torch.Tensor | None = None, coefficient_quantizer: ActivationQuantizer | None = None,
+                 output_scale: torch.Tensor | None = None):
         super().__init__(out_op.dim, in_op.dim)
         if (inner.out_features, inner.in_features) != (out_op.num_coefficients, in_op.num_coefficients):
             raise StateError(f"the inner weight is {inner.out_features}x{inner.in_features} but the operators have "
@@ -48,7 +50,10 @@ class TransformedWeight(QuantizedWeight):
         self.coefficient_quantizer = coefficient_quantizer
         if input_scale is not None:
             input_scale = _exact(input_scale, torch.float16, "input_scale")
+        if output_scale is not None:
+            output_scale = _exact(output_scale, torch.float16, "output_scale")
         self.register_buffer("input_scale", input_scale)
+        self.register_buffer("output_scale", output_scale)
         self.fast_ops = None  # (in, out) transforms of the kernel layout
 
     @property
@@ -68,7 +73,8 @@ class TransformedWeight(QuantizedWeight):
         X = self.in_op.synthesis(self.inner.weight())
         if self.input_scale is not None:
             X = X * self.input_scale.float()
-        return self.out_op.synthesis(X.T).T.float()
+        W = self.out_op.synthesis(X.T).T.float()
+        return W if self.output_scale is None else W * self.output_scale.float()[:, None]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.fast_ops is not None:
@@ -80,7 +86,10 @@ class TransformedWeight(QuantizedWeight):
         coefficients = self.in_op.analysis(x)
         if self.coefficient_quantizer is not None:
             coefficients = self.coefficient_quantizer(coefficients)
-        y = self.out_op.synthesis(self.inner(coefficients)).to(dtype)
+        y = self.out_op.synthesis(self.inner(coefficients))
+        if self.output_scale is not None:
+            y = y * self.output_scale.float()
+        y = y.to(dtype)
         return y if bias is None else y + bias.to(dtype)
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -92,7 +101,10 @@ class TransformedWeight(QuantizedWeight):
         coefficients = fast_in.analysis(x)
         if self.coefficient_quantizer is not None:
             coefficients = self.coefficient_quantizer(coefficients)
-        y = fast_out.synthesis(self.inner(coefficients)).to(dtype)
+        y = fast_out.synthesis(self.inner(coefficients))
+        if self.output_scale is not None:
+            y = y * self.output_scale.to(y.dtype)
+        y = y.to(dtype)
         return y if bias is None else y + bias.to(dtype)
 
     def with_layout(self, layout: str, *, device=None, dtype: torch.dtype = torch.float16,
@@ -103,7 +115,8 @@ class TransformedWeight(QuantizedWeight):
         if layout == self.layout and layout != "kernel":
             return self
         inner = self.inner.with_layout(layout, device=device, dtype=dtype)
-        clone = TransformedWeight(inner, self.in_op, self.out_op, self.input_scale, self.coefficient_quantizer)
+        clone = TransformedWeight(inner, self.in_op, self.out_op, self.input_scale, self.coefficient_quantizer,
+                                  self.output_scale)
         _copy_identity(self, clone)
         if device is not None:
             clone = clone.to(device)
@@ -116,8 +129,10 @@ class TransformedWeight(QuantizedWeight):
 
     def stored(self) -> dict[str, Stored]:
         stored = {f"inner.{k}": v for k, v in self.inner.stored().items()}
-        if self.input_scale is not None:
-            stored["input_scale"] = Stored(self.input_scale, self.input_scale.numel() * dtype_bits(torch.float16))
+        for name in ("input_scale", "output_scale"):
+            scale = getattr(self, name)
+            if scale is not None:
+                stored[name] = Stored(scale, scale.numel() * dtype_bits(torch.float16))
         for side in SIDES:
             words, redundancy = getattr(self, side).spec.to_tensors()
             # The two tensors together cost SPEC_BITS: four int32 words and one float64.
@@ -129,9 +144,12 @@ class TransformedWeight(QuantizedWeight):
 
     def meta(self) -> dict:
         _, inner_meta = self.inner.state()
-        return {"inner": inner_meta, "in_op": self.in_op.summary(), "out_op": self.out_op.summary(),
+        meta = {"inner": inner_meta, "in_op": self.in_op.summary(), "out_op": self.out_op.summary(),
                 "input_scale": self.input_scale is not None,
                 "coefficient_quantizer": None if self.coefficient_quantizer is None else self.coefficient_quantizer.meta()}
+        if self.output_scale is not None:  # only then: checkpoints without one stay as they were
+            meta["output_scale"] = True
+        return meta
 
     @classmethod
     def expected_tensors(cls, meta: dict) -> dict:
@@ -144,6 +162,8 @@ class TransformedWeight(QuantizedWeight):
             expected[f"{side}.redundancy"] = ((1,), torch.float64)
         if meta.get("input_scale"):
             expected["input_scale"] = ((meta["shape"][1],), torch.float16)
+        if meta.get("output_scale"):
+            expected["output_scale"] = ((meta["shape"][0],), torch.float16)
         if meta.get("coefficient_quantizer"):
             from fqbench.quantized.activations import expected_quantizer_tensors
 
@@ -163,7 +183,7 @@ class TransformedWeight(QuantizedWeight):
         quantizer = None
         if meta.get("coefficient_quantizer"):
             quantizer = quantizer_from_state(sub_state(tensors, "coefficient_quantizer"), meta["coefficient_quantizer"])
-        return cls(inner, ops["in_op"], ops["out_op"], tensors.get("input_scale"), quantizer)
+        return cls(inner, ops["in_op"], ops["out_op"], tensors.get("input_scale"), quantizer, tensors.get("output_scale"))
 
 
 def _fast_transform(op: FrameOperator, device, dtype: torch.dtype, kind: str):

@@ -3,8 +3,9 @@
 - ``accuracy_vs_redundancy``: 2-bit FrameQuant quality against the effective redundancy (Table 8, Figure 9);
 - ``accuracy_vs_clip``: quality against the clip threshold in standard deviations at r = 1.1 (Figure 11);
 - ``perplexity_vs_size``: perplexity against model size per method, the paper's points dashed (Figure 5, Table 13);
-- ``pareto``: quality against honest bits per weight for every method, with the nominal (paper) bits of each
-  point as a hollow marker, and the Pareto front.
+- ``pareto``: quality against honest bits per weight for every method (FrameQuant with the paper's clip, with the
+  clip searched per layer, and with a bit budget; GPTQ uniform and mixed precision; ...), with the nominal (paper)
+  bits of each point as a hollow marker, and the Pareto front; one panel per model.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _sweep(records, recipes, base_variant: str, axis: str):
         x = record["config"]["method"][axis]
         if axis == "redundancy" and record.get("effective_redundancy") is not None:
             x = record["effective_redundancy"]
-        if x is not None:
+        if isinstance(x, (int, float)):  # not None (no clip) or "auto" (a clip per layer)
             series[(model, metric)].append((float(x), metric_value(record, METRICS[metric])))
     return series
 
@@ -156,20 +157,20 @@ def _pareto(records, recipes):
     keys = sorted(groups) or [None]
     fig, axes = _panels(keys)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    all_methods = sorted({r.get("method", "?") for key in groups for r in groups[key]})
-    color_of = {method: palette[i % len(palette)] for i, method in enumerate(all_methods)}  # one colour per method
+    all_methods = sorted({_series(r) for key in groups for r in groups[key]})
+    color_of = {method: palette[i % len(palette)] for i, method in enumerate(all_methods)}  # one colour per series
     for ax, key in zip(axes, keys):
         if key is None:
             _empty(ax, "no finished records\n(python -m fqbench -m experiment=pareto)")
             continue
         model, metric = key
         spec = METRICS[metric]
-        methods = sorted({r.get("method", "?") for r in groups[key]})
+        methods = sorted({_series(r) for r in groups[key]})
         points = []
         for method in methods:
             color = color_of[method]
             for record in groups[key]:
-                if record.get("method") != method:
+                if _series(record) != method:
                     continue
                 y = metric_value(record, spec)
                 if method == "fp" or record.get("bits_per_weight") is None:
@@ -199,6 +200,17 @@ def _pareto(records, recipes):
         ax.grid(alpha=0.3)
     fig.suptitle("Quality against honest bits per weight")
     return fig
+
+
+def _series(record: dict) -> str:
+    """A record's series in the Pareto figure: its method, told apart by a bit budget or the clip search."""
+    method = record.get("method", "?")
+    options = (record.get("config") or {}).get("method", {})
+    if options.get("budget_bits") is not None:
+        return f"{method} (budget)" if method != "gptq" else "gptq (mixed precision)"
+    if options.get("clip_sigma") == "auto":
+        return f"{method} (auto clip)"
+    return method
 
 
 def _front(points, higher_is_better: bool):
