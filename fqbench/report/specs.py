@@ -9,6 +9,7 @@ one metric. Row and column ids are the keys of the paper's numbers in ``data/pap
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from fqbench.config import CONF_DIR
@@ -54,6 +55,7 @@ class Line:
     cells: tuple[str, ...] = ()  # extra header cells of a row (#bits, ablation switches)
 
 
+@functools.lru_cache(maxsize=None)
 def preset_axes(preset: str) -> dict[str, list[str]]:
     """The sweep of an experiment preset (``conf/experiment/<preset>.yaml``): ``{key: [values]}`` in order."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
