@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fqbench.methods.registry import ModelMethod, register_method
+from fqbench.models.adapter import replace_module
 from fqbench.quant.checks import proxy_error
 from fqbench.quant.grids import check_bits
 from fqbench.quantized import GridWeight, QuantLinear
@@ -297,7 +298,7 @@ class PTQ4ViT(ModelMethod):
                 return
             quantizer = (TwinGeluQuantizer(c.act_bits, positive_step=act) if post_gelu
                          else UniformQuantizer(c.act_bits, step=act))
-            _replace(unit.module, name, QuantLinear(layer.to(linear.weight.device), linear.bias,
+            replace_module(unit.module, name, QuantLinear(layer.to(linear.weight.device), linear.bias,
                                                     input_quantizer=quantizer.to(linear.weight.device)))
 
         return install, record, layer
@@ -329,7 +330,7 @@ class PTQ4ViT(ModelMethod):
         def install():
             qkv_quantizer, probs_quantizer = _attention_quantizers(state, bits)
             attention.get_submodule(layout.attention_qkv).output_quantizer = qkv_quantizer
-            _replace(attention, layout.attention_probs, probs_quantizer)
+            replace_module(attention, layout.attention_probs, probs_quantizer)
             if hasattr(attention, "fused_attn"):
                 attention.fused_attn = False  # the explicit path, where the probabilities pass through attn_drop
 
@@ -375,11 +376,6 @@ def _quantize_attention(attention, layout, state, bits) -> list:
     qkv_quantizer, probs_quantizer = _attention_quantizers(state, bits)
     return [attention.get_submodule(layout.attention_qkv).register_forward_hook(lambda m, a, out: qkv_quantizer(out)),
             attention.get_submodule(layout.attention_probs).register_forward_hook(lambda m, a, out: probs_quantizer(out))]
-
-
-def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    setattr(parent.get_submodule(owner_name) if owner_name else parent, attr, new)
 
 
 def _chunks(rows: int):

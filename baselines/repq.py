@@ -60,6 +60,7 @@ from torch import nn
 from fqbench.engine.capture import BlockInputs, accumulate_hessians
 from fqbench.engine.sequential import layer_record
 from fqbench.methods.registry import BlockMethod, build_method, register_method
+from fqbench.models.adapter import replace_module
 from fqbench.quant.grids import check_bits
 from fqbench.quantized import QuantLinear
 from fqbench.quantized.activations import (
@@ -289,11 +290,6 @@ def attentions(module: nn.Module) -> dict[str, str]:
     return found
 
 
-def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(parent.get_submodule(owner) if owner else parent, attr, new)
-
-
 @register_method("repq")
 class RepQ(BlockMethod):
     Config = RepQConfig
@@ -336,7 +332,7 @@ class RepQ(BlockMethod):
                 linear = module.get_submodule(name)
                 W = linear.weight.detach()
                 layer = self.weight_method.quantize(W.float(), hessians[name], seed=derive_seed(context.seed, full_name))
-                _replace(module, name, QuantLinear(layer, linear.bias, input_quantizer=AffineQuantizer(
+                replace_module(module, name, QuantLinear(layer, linear.bias, input_quantizer=AffineQuantizer(
                     self.config.act_bits, scale=quantizer.scale, zero=quantizer.zero).to(W.device)))
                 record = layer_record(full_name, W, layer, hessians[name])
                 record.extra.update(extra, weight_method=self.weight_method.name)
@@ -391,7 +387,7 @@ class RepQ(BlockMethod):
         probs = collect(module, probs_path, inputs, output=True)
         values = _sample_rows(probs.reshape(-1, 1), c.search_values, derive_seed(seed, "probs")).reshape(-1)
         probs_scale = search_log_scale(values, probs.max(), c.act_bits, c.ratios())
-        _replace(module, probs_path, Log2Quantizer(c.act_bits, scale=probs_scale).to(probs.device))
+        replace_module(module, probs_path, Log2Quantizer(c.act_bits, scale=probs_scale).to(probs.device))
         return {"output_quantizer": "affine", "qkv_scales": scale.tolist(), "qkv_zeros": zero.tolist(),
                 "probs_quantizer": "log2", "probs_scale": float(probs_scale)}
 

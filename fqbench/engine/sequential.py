@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from fqbench.engine.capture import BlockInputs, accumulate_hessians, capture_block_inputs, enter_block, run_block
 from fqbench.engine.planning import Plan, plan_budget
 from fqbench.finite import NonFiniteError, all_finite
-from fqbench.models.adapter import Block
+from fqbench.models.adapter import Block, replace_module
 from fqbench.quant.checks import proxy_error
 from fqbench.quantized import QuantizedWeight, QuantLinear
 from fqbench.records import LayerRecord
@@ -136,8 +136,7 @@ def install(parent: nn.Module, name: str, layer: QuantizedWeight) -> None:
     inside the weight's own space, e.g. FrameQuant's frame-space activations)."""
     linear = parent.get_submodule(name)
     if layer.quantizes_activations:
-        owner_name, _, attr = name.rpartition(".")
-        setattr(parent.get_submodule(owner_name) if owner_name else parent, attr, QuantLinear(layer, linear.bias))
+        replace_module(parent, name, QuantLinear(layer, linear.bias))
     else:
         linear.weight.data = layer.weight().to(linear.weight.dtype)
 

@@ -80,6 +80,12 @@ def is_linear(module) -> bool:
         isinstance(module, nn.Module) and hasattr(module, "in_features") and hasattr(module, "out_features"))
 
 
+def replace_module(parent: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` below ``parent``."""
+    owner, _, attr = name.rpartition(".")
+    setattr(parent.get_submodule(owner) if owner else parent, attr, new)
+
+
 def find_module(module: nn.Module, name: str):
     try:
         return module.get_submodule(name)

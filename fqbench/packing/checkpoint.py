@@ -44,6 +44,7 @@ from torch import nn
 
 import fqbench
 from fqbench.methods import registered_methods
+from fqbench.models.adapter import replace_module
 from fqbench.packing.format import (
     FORMAT_VERSION, QUANTIZER_SLOTS, READABLE_VERSIONS, PackedFormatError, layer_module, pack_layer, unpack_layer,
     upgrade_layer,
@@ -210,7 +211,7 @@ def _prepare(model: nn.Module, attributes: dict, quantizers: dict, regular: dict
         except StateError as error:
             raise PackedFormatError(str(error)) from error
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        _replace(model, path, quantizer.to(device))
+        replace_module(model, path, quantizer.to(device))
 
 
 def _recomputed_buffer_dtypes(model: nn.Module) -> dict[str, str]:
@@ -369,7 +370,7 @@ def load_quantized(directory: str | os.PathLike, *, mode: str = "dequantized", d
         if layout == "kernel":
             weight = weight.with_layout("kernel", device=device, dtype=kernel_dtype)
         if layout != "plain" and weight.kind != "dense" or quantizers or weight.quantizes_activations:
-            _replace(model, name, layer_module(weight, {k: q.to(device) for k, q in quantizers.items()}, linear.bias))
+            replace_module(model, name, layer_module(weight, {k: q.to(device) for k, q in quantizers.items()}, linear.bias))
         else:
             dtype = getattr(torch, meta.get("weight_dtype") or "", linear.weight.dtype)
             with torch.no_grad():
@@ -443,8 +444,3 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError as error:
         raise PackedFormatError(f"the model has no module {name!r} ({error})") from error
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, attr, new)
